@@ -1,0 +1,38 @@
+# Two commands a user needs: `make demo` and `make test`. Both set up .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: demo test bench install prefect-server serve mlflow-ui
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# Re-install only when the project's dependencies change.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e . && touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]' && touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(BIN)/dvc repro
+	$(PY) -m proxytune.summary
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed-dev
+	$(PY) bench/pipeline_bench.py
+
+prefect-server: $(VENV)/.installed
+	$(BIN)/prefect server start
+
+serve: $(VENV)/.installed
+	$(PY) -m flows.serve
+
+mlflow-ui: $(VENV)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

@@ -1,0 +1,9 @@
+"""proxytune: DreamBooth supervisor -> proxy images -> AR student tuning -> DreamBench evaluation."""
+import os
+from pathlib import Path
+
+# Prefect keeps its records (ephemeral database, persisted task results) inside the project unless the
+# user points it elsewhere; set before any module imports prefect.
+os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+# No phoning home: this runs on machines without internet.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -1,0 +1,338 @@
+"""DreamBench metrics (DINO, CLIP-I, CLIP-T) as the DreamBooth paper defines them.
+
+- DINO:   mean pairwise cosine similarity between DINO ViT-S/16 CLS embeddings of
+          generated and real images. Rewards subject fidelity (DINO is not trained to
+          ignore appearance differences within a class, unlike CLIP).
+- CLIP-I: the same pairwise mean with CLIP image embeddings.
+- CLIP-T: mean cosine similarity between each generated image and its prompt (the
+          prompt with the rare-token identifier removed, see `strip_identifier`).
+
+Everything loads from local files in the formats the real checkpoints are published in
+(transformers `ViTModel` folder for `facebook/dino-vits16`, open_clip config + weights
+for CLIP), so `build_tiny_evaluators` can stand in for them offline and in tests.
+transformers / open_clip are imported lazily: importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+TINY_CLIP_NAME = "proxytune-tiny-clip"
+IMAGENET_MEAN = [0.485, 0.456, 0.406]  # what facebook/dino-vits16's preprocessor_config ships
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# Bump when preprocessing/embedding logic changes, so old cache entries stop matching.
+_EMBED_VERSION = "1"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def strip_identifier(prompt: str, identifier: str) -> str:
+    """Remove the whole-word `identifier` (e.g. "sks") from `prompt` and collapse spaces.
+
+    CLIP-T scores the prompt *without* the identifier: the rare token means nothing to CLIP
+    and would only add noise. Occurrences inside other words are left alone.
+    """
+    if not identifier.strip():
+        raise ValueError("identifier must be a non-empty token")
+    out = re.sub(rf"(?<!\w){re.escape(identifier.strip())}(?!\w)", " ", prompt)
+    return " ".join(out.split())
+
+
+def image_sha256(image: Image.Image) -> str:
+    """Content hash of an image: mode, size and pixels (not file bytes, so re-encoding a
+    file does not matter, but any pixel change does)."""
+    h = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _sha256_dir(path: Path) -> str:
+    """Hash of every visible file in a model folder (weights + configs)."""
+    h = hashlib.sha256()
+    for p in sorted(path.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(f"{p.name}\0{_sha256_file(p)}\0".encode())
+    return h.hexdigest()
+
+
+def _as_rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
+    """Both encoders take 3-channel input; alpha is dropped, palettes are resolved."""
+    return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+
+
+# --------------------------------------------------------------------------- cache
+
+class EmbeddingCache:
+    """On-disk embedding store keyed by (model identity, image content sha256).
+
+    Why: every evaluation re-embeds the same reference images and often unchanged
+    generations; with the cache those cost a file read instead of a forward pass.
+    One small safetensors file per embedding at `root/<model-hash>/<ab>/<image-sha>.safetensors`,
+    written to a temp file and renamed, so an interrupted run never leaves a torn entry.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def _path(self, model_id: str, key: str) -> Path:
+        model_dir = hashlib.sha256(model_id.encode()).hexdigest()[:32]
+        return self.root / model_dir / key[:2] / f"{key}.safetensors"
+
+    def get(self, model_id: str, key: str) -> torch.Tensor | None:
+        path = self._path(model_id, key)
+        return load_file(path)["embedding"] if path.is_file() else None
+
+    def put(self, model_id: str, key: str, embedding: torch.Tensor) -> None:
+        path = self._path(model_id, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            tensor = embedding.detach().to("cpu", torch.float32).contiguous().clone()
+            save_file({"embedding": tensor}, tmp, metadata={"model_id": model_id})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# --------------------------------------------------------------------------- embedders
+
+class _ImageEmbedder:
+    """Shared batching / normalisation / caching. Subclasses set `model`, `device` and
+    implement `_forward` (a batch of RGB images -> raw features) and `_identity`."""
+
+    model: torch.nn.Module
+    device: torch.device
+    cache: EmbeddingCache | None
+
+    def _forward(self, images: list[Image.Image]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _identity(self) -> str:
+        raise NotImplementedError
+
+    @cached_property
+    def model_id(self) -> str:
+        """Cache key part naming the exact model (hashes weight files, so computed lazily)."""
+        return f"{type(self).__name__}:v{_EMBED_VERSION}:{self._identity()}"
+
+    def _run(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(images), batch_size):
+                feats = self._forward(images[i : i + batch_size])
+                out.append(F.normalize(feats.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """L2-normalised float32 embeddings, shape (N, D), on CPU; rows follow `images`."""
+        if len(images) == 0:
+            raise ValueError("embed_images needs at least one image")
+        rgb = _as_rgb(images)
+        if self.cache is None:
+            return self._run(rgb, batch_size)
+        keys = [image_sha256(im) for im in rgb]
+        by_key = dict(zip(keys, rgb))  # also dedupes repeated images
+        found = {k: e for k in by_key if (e := self.cache.get(self.model_id, k)) is not None}
+        missing = [k for k in by_key if k not in found]
+        if missing:
+            for k, emb in zip(missing, self._run([by_key[k] for k in missing], batch_size)):
+                self.cache.put(self.model_id, k, emb)
+                found[k] = emb
+        return torch.stack([found[k] for k in keys])
+
+
+class DinoEmbedder(_ImageEmbedder):
+    """DINO CLS-token embedder from a transformers `ViTModel` folder (`facebook/dino-vits16` format).
+
+    Preprocessing is the folder's own `preprocessor_config.json` (for dino-vits16: bilinear
+    resize to 224x224, ImageNet mean/std), applied with the PIL backend of
+    `ViTImageProcessor`, matching the PIL-based `ViTFeatureExtractor` the checkpoint was
+    published with.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu",
+                 cache: EmbeddingCache | None = None):
+        from transformers import ViTModel
+        try:
+            from transformers import ViTImageProcessorPil as Processor  # transformers >= 5
+        except ImportError:
+            from transformers import ViTImageProcessor as Processor
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"DINO model folder not found: {self.path}")
+        self.device = torch.device(device)
+        self.cache = cache
+        self.processor = Processor.from_pretrained(self.path)
+        self.model = ViTModel.from_pretrained(self.path, add_pooling_layer=False, dtype=torch.float32)
+        self.model.to(self.device).eval()
+
+    def _identity(self) -> str:
+        return _sha256_dir(self.path)
+
+    def _forward(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return self.model(pixel_values=pixels.to(self.device)).last_hidden_state[:, 0]
+
+
+class ClipEmbedder(_ImageEmbedder):
+    """open_clip image and text embedder.
+
+    `pretrained` is a local weights file (.safetensors/.bin/.pt) or an open_clip pretrained
+    tag. `config_dir` holds `<model_name>.json` for a custom architecture; it is registered
+    with `open_clip.add_model_config` first (the latest registration of a name wins).
+
+    OpenAI CLIP weights were trained with QuickGELU: load them as `ViT-B-32-quickgelu`
+    (or pass `force_quick_gelu=True`). Plain `ViT-B-32` + OpenAI weights loads without
+    error but produces wrong embeddings.
+    """
+
+    def __init__(self, model_name: str, pretrained: str | os.PathLike,
+                 config_dir: str | os.PathLike | None = None, device: str = "cpu",
+                 cache: EmbeddingCache | None = None, force_quick_gelu: bool = False):
+        import open_clip
+
+        if config_dir is not None:
+            config_file = Path(config_dir) / f"{model_name}.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"open_clip model config not found: {config_file}")
+            open_clip.add_model_config(config_file)
+        pretrained = str(pretrained)
+        if os.path.isfile(pretrained):
+            self._weights_id = lambda: "file:" + _sha256_file(Path(pretrained))
+        elif open_clip.get_pretrained_cfg(model_name, pretrained):
+            self._weights_id = lambda: "tag:" + pretrained
+        else:
+            raise FileNotFoundError(
+                f"CLIP weights not found: {pretrained} (no such file, and not an open_clip "
+                f"pretrained tag for {model_name})")
+        self.model_name = model_name
+        self.force_quick_gelu = force_quick_gelu
+        self.device = torch.device(device)
+        self.cache = cache
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=self.device, force_quick_gelu=force_quick_gelu)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self._config = open_clip.get_model_config(model_name)
+
+    def _identity(self) -> str:
+        spec = {"name": self.model_name, "config": self._config,
+                "quick_gelu": self.force_quick_gelu, "weights": self._weights_id()}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+    def _forward(self, images: list[Image.Image]) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        return self.model.encode_image(pixels)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised float32 text embeddings, shape (N, D), on CPU (not cached: cheap)."""
+        if len(texts) == 0:
+            raise ValueError("embed_texts needs at least one text")
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(list(texts[i : i + batch_size])).to(self.device)
+                out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+        return torch.cat(out)
+
+
+# --------------------------------------------------------------------------- scores
+
+def dreambench_scores(generated: Sequence[Image.Image], prompts: Sequence[str],
+                      references: Sequence[Image.Image], dino: DinoEmbedder,
+                      clip: ClipEmbedder) -> dict[str, float]:
+    """DINO, CLIP-I (mean over all generated x reference pairs) and CLIP-T (mean over
+    generated images of cos(image, its prompt)). `prompts[i]` belongs to `generated[i]`
+    and should already have the identifier removed (`strip_identifier`)."""
+    if not generated or not references:
+        raise ValueError("need at least one generated and one reference image")
+    if len(prompts) != len(generated):
+        raise ValueError(f"{len(prompts)} prompts for {len(generated)} generated images")
+    gen_d, ref_d = dino.embed_images(generated).double(), dino.embed_images(references).double()
+    gen_c, ref_c = clip.embed_images(generated).double(), clip.embed_images(references).double()
+    text = clip.embed_texts(prompts).double()
+    return {
+        "dino": float((gen_d @ ref_d.T).mean()),
+        "clip_i": float((gen_c @ ref_c.T).mean()),
+        "clip_t": float((gen_c * text).sum(dim=-1).mean()),
+    }
+
+
+# --------------------------------------------------------------------------- tiny stand-ins
+
+def _tiny_clip_config(image_size: int) -> dict:
+    """open_clip model-config JSON (the ViT-B-32 layout, shrunk)."""
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+
+
+def build_tiny_evaluators(out_dir: str | os.PathLike, seed: int = 0, image_size: int = 64) -> dict:
+    """Write random-init tiny DINO and CLIP models in the real on-disk formats.
+
+    Why: real checkpoints cannot be downloaded here, but tests and dry runs must exercise
+    the real loaders. Output (deterministic for a seed; the global RNG is left untouched):
+      out_dir/dino/  ViTModel folder (ViT-S/16 family, tiny) + ViTImageProcessor config
+      out_dir/clip/  <TINY_CLIP_NAME>.json (open_clip config) + open_clip_model.safetensors
+    Built in a temp folder and renamed into place; refuses a non-empty `out_dir`.
+    Returns {"dino", "clip_config_dir", "clip_pretrained", "clip_model_name"} (str values),
+    i.e. DinoEmbedder(r["dino"]) and
+    ClipEmbedder(r["clip_model_name"], r["clip_pretrained"], config_dir=r["clip_config_dir"]).
+    """
+    import open_clip
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"refusing to overwrite non-empty path: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vit_config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                   intermediate_size=192, image_size=image_size, patch_size=16)
+            ViTModel(vit_config, add_pooling_layer=False).save_pretrained(tmp / "dino")
+            ViTImageProcessor(size={"height": image_size, "width": image_size},
+                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+                              ).save_pretrained(tmp / "dino")
+
+            torch.manual_seed(seed)
+            clip_config = _tiny_clip_config(image_size)
+            (tmp / "clip").mkdir()
+            (tmp / "clip" / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(clip_config, indent=2))
+            state = open_clip.CLIP(**clip_config).state_dict()  # what create_model builds for it
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      tmp / "clip" / "open_clip_model.safetensors")
+        os.replace(tmp, out)  # atomic; also replaces an empty existing folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {
+        "dino": str(out / "dino"),
+        "clip_config_dir": str(out / "clip"),
+        "clip_pretrained": str(out / "clip" / "open_clip_model.safetensors"),
+        "clip_model_name": TINY_CLIP_NAME,
+    }

@@ -1,0 +1,68 @@
+"""Reading and checking `params.yaml`: every bad value stops with one line naming the parameter."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ProxytuneError(Exception):
+    """A user-facing error: the CLI prints its message as one line, without a traceback."""
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ProxytuneError(f"{path}: params file not found")
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProxytuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(params, dict):
+        raise ProxytuneError(f"{path}: must be a mapping of sections")
+    name = str(get(params, "subject.name"))
+    if not SUBJECT_NAME.match(name):
+        raise ProxytuneError(
+            f"params: subject.name {name!r} must be 1-64 letters, digits, '_' or '-' (no paths)"
+        )
+    return params
+
+
+def get(params: dict, dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ProxytuneError(f"params: missing required parameter {dotted}")
+        node = node[part]
+    return node
+
+
+def local_path(params: dict, dotted: str, kind: str = "path") -> Path:
+    """A parameter that must name an existing local file or folder."""
+    value = str(get(params, dotted))
+    path = Path(value)
+    if not path.exists():
+        raise ProxytuneError(f"params: {dotted}: {kind} {value!r} does not exist")
+    return path
+
+
+def model_source(params: dict, dotted: str) -> str:
+    """A local model folder, or a hub id (`org/name`) that only a machine with hub access can use."""
+    value = str(get(params, dotted))
+    if Path(value).exists():
+        return value
+    if HUB_ID.match(value) and not value.startswith(("models/", "data/", "outputs/")):
+        return value
+    raise ProxytuneError(f"params: {dotted}: {value!r} is neither an existing local path nor a hub id")
+
+
+def choice(params: dict, dotted: str, allowed) -> str:
+    value = get(params, dotted)
+    if value not in allowed:
+        raise ProxytuneError(f"params: {dotted}: unknown value {value!r} (allowed: {', '.join(sorted(allowed))})")
+    return value

@@ -1,0 +1,30 @@
+"""Printed at the end of `make demo`: where every output of the run is, and the headline metrics."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from proxytune.tracking import tracking_uri
+
+
+def main() -> None:
+    root = Path.cwd()
+    metrics = root / "outputs/metrics.json"
+    print("\nproxytune demo finished. Outputs:")
+    print(f"  metrics       {metrics}   (dvc metrics show)")
+    print(f"  image grid    {root / 'outputs/evaluate/grid.png'}   (references | supervisor | student)")
+    print(f"  loss curves   {root / 'outputs/supervise_loss.csv'}, {root / 'outputs/distill_loss.csv'}   (dvc plots show)")
+    print(f"  adapters      {root / 'outputs/supervise/pytorch_lora_weights.safetensors'}, {root / 'outputs/distill/adapter'}")
+    print(f"  MLflow store  {tracking_uri()}   (mlflow ui --backend-store-uri {tracking_uri()})")
+    print(f"  Prefect       {os.environ.get('PREFECT_HOME', root / '.prefect')}   (prefect server start, then open the UI)")
+    if metrics.is_file():
+        scores = json.loads(metrics.read_text())
+        print("\n  model        DINO    CLIP-I  CLIP-T")
+        for name in ("supervisor", "student"):
+            s = scores[name]
+            print(f"  {name:<11}  {s['dino']:.3f}   {s['clip_i']:.3f}   {s['clip_t']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Stage `bootstrap`: build the embedded default, so the pipeline runs with no model hub.
+
+Writes tiny random-init models in their real on-disk formats (a diffusers pipeline folder, LlamaGen's
+official checkpoint layout, transformers/open_clip evaluator weights) and the demo subject's photos.
+Real runs ignore these by pointing params.yaml at real weights.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ar_models import llamagen
+from proxytune.stage import stage_task
+from proxytune import metrics
+from proxytune.demo import write_demo_subject
+from proxytune.io import atomic_dir
+from proxytune.params import get
+from proxytune.prompts import corpus_words
+from proxytune.tiny import build_tiny_supervisor
+
+MODELS = Path("models/tiny")
+DEMO_SUBJECT = Path("data/demo_subject")
+
+
+def run(params: dict, log) -> dict:
+    """Build every tiny model with a fixed seed; identical params give byte-identical weights."""
+    seed = int(get(params, "seed"))
+    size = int(get(params, "bootstrap.image_size"))
+    corpus = corpus_words()
+    with atomic_dir(MODELS) as tmp:
+        build_tiny_supervisor(tmp / "supervisor", corpus, seed=seed, image_size=size)
+        llamagen.build_tiny(tmp / "llamagen", corpus, seed=seed, image_size=size)
+        metrics.build_tiny_evaluators(tmp / "evaluators", seed=seed, image_size=size)
+    write_demo_subject(DEMO_SUBJECT, seed=seed)
+    return {"models": str(MODELS), "demo_subject": str(DEMO_SUBJECT)}
+
+
+bootstrap_task = stage_task("bootstrap", run)

@@ -1,0 +1,81 @@
+"""Stage `prepare`: validate and normalise the subject's reference photos.
+
+Phone photos arrive rotated by EXIF, in odd modes (RGBA, CMYK, palette) and sizes; the supervisor and
+the student both want square RGB images at the model resolution, captioned with the identifier.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from proxytune.stage import stage_task
+from proxytune.io import atomic_dir, sha256_file, write_jsonl
+from proxytune.params import ProxytuneError, get, local_path
+from proxytune.prompts import CAPTION, subject_phrase
+
+MIN_IMAGES = 2
+
+
+def load_reference(path: Path, min_side: int) -> Image.Image:
+    """Open one photo fully (so truncation is caught now), upright and RGB, or fail naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except UnidentifiedImageError:
+        raise ProxytuneError(f"{path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        raise ProxytuneError(f"{path}: unreadable or truncated image ({e})") from None
+    img = ImageOps.exif_transpose(img)
+    if min(img.size) < min_side:
+        raise ProxytuneError(
+            f"{path}: image is {img.width}x{img.height} px; the shorter side must be at least {min_side} px"
+        )
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def square(img: Image.Image, resolution: int) -> Image.Image:
+    return ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.LANCZOS)
+
+
+def reference_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if len(files) < MIN_IMAGES:
+        raise ProxytuneError(
+            f"{folder}: found {len(files)} reference image(s); DreamBooth needs at least {MIN_IMAGES} (3-5 is typical)"
+        )
+    return files
+
+
+def run(params: dict, log) -> dict:
+    """Write `outputs/prepare/instance/*.png` and `captions.jsonl` ("a photo of [V] <class>")."""
+    folder = local_path(params, "subject.images", "folder")
+    if not folder.is_dir():
+        raise ProxytuneError(f"params: subject.images: {str(folder)!r} is not a folder")
+    resolution = int(get(params, "prepare.resolution"))
+    if resolution < 8:
+        raise ProxytuneError(f"params: prepare.resolution must be at least 8, got {resolution}")
+    phrase = subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun"))
+    images = [(p, load_reference(p, max(8, resolution // 2))) for p in reference_files(folder)]
+    out = Path("outputs/prepare")
+    with atomic_dir(out) as tmp:
+        (tmp / "instance").mkdir()
+        rows = []
+        for i, (src, img) in enumerate(images):
+            rel = f"instance/{i:02d}.png"
+            square(img, resolution).save(tmp / rel)
+            rows.append({"file": rel, "caption": CAPTION.format(phrase), "source": src.name,
+                         "sha256": sha256_file(tmp / rel)})
+        write_jsonl(tmp / "captions.jsonl", rows)
+    log.metrics({"num_references": len(rows)})
+    return {"instance_dir": str(out / "instance"), "captions": str(out / "captions.jsonl")}
+
+
+prepare_task = stage_task("prepare", run)

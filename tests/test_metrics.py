@@ -1,0 +1,172 @@
+"""DreamBench metrics on tiny random-init evaluators written in the real on-disk formats."""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from proxytune.metrics import (
+    TINY_CLIP_NAME,
+    ClipEmbedder,
+    DinoEmbedder,
+    EmbeddingCache,
+    build_tiny_evaluators,
+    dreambench_scores,
+    strip_identifier,
+)
+
+
+def _noise(seed: int, size=(80, 96)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return build_tiny_evaluators(tmp_path_factory.mktemp("tiny") / "evaluators", seed=0)
+
+
+@pytest.fixture(scope="module")
+def dino(tiny) -> DinoEmbedder:
+    return DinoEmbedder(tiny["dino"])
+
+
+@pytest.fixture(scope="module")
+def clip(tiny) -> ClipEmbedder:
+    return ClipEmbedder(tiny["clip_model_name"], tiny["clip_pretrained"], config_dir=tiny["clip_config_dir"])
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_build_writes_real_formats_deterministically(tiny, tmp_path):
+    dino_dir, clip_dir = Path(tiny["dino"]), Path(tiny["clip_config_dir"])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in dino_dir.iterdir()}
+    assert (clip_dir / f"{TINY_CLIP_NAME}.json").is_file() and Path(tiny["clip_pretrained"]).is_file()
+
+    again = build_tiny_evaluators(tmp_path / "again", seed=0)
+    other = build_tiny_evaluators(tmp_path / "other", seed=1)
+    for key, rel in (("dino", "model.safetensors"), ("clip_pretrained", "")):
+        same = _sha(Path(tiny[key]) / rel) == _sha(Path(again[key]) / rel)
+        differs = _sha(Path(tiny[key]) / rel) != _sha(Path(other[key]) / rel)
+        assert same and differs, key
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other"]  # no temp leftovers
+    with pytest.raises(FileExistsError, match="again"):
+        build_tiny_evaluators(tmp_path / "again")
+
+
+def test_loaders_read_back_saved_weights(tiny, dino, clip):
+    saved = load_file(Path(tiny["dino"]) / "model.safetensors")
+    loaded = dino.model.state_dict()
+    for key in ("embeddings.cls_token", "embeddings.position_embeddings",
+                "embeddings.patch_embeddings.projection.weight"):
+        assert torch.equal(saved[key], loaded[key]), key
+    saved = load_file(tiny["clip_pretrained"])
+    for key, value in clip.model.state_dict().items():
+        assert torch.equal(saved[key], value), key
+
+    images = [_noise(0), Image.new("RGBA", (50, 70), (10, 200, 30, 128))]
+    for embedder, dim in ((dino, 48), (clip, 32)):
+        emb = embedder.embed_images(images, batch_size=1)
+        assert emb.shape == (2, dim) and emb.dtype == torch.float32
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    text = clip.embed_texts(["a dog", "a red cube"])
+    assert text.shape == (2, 32)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+
+
+def test_identical_sets_score_one_and_different_below(dino, clip):
+    a, b = _noise(1), Image.new("RGB", (64, 64), (200, 30, 30))
+    same = dreambench_scores([a, a], ["a dog", "a cat"], [a], dino, clip)
+    assert same["dino"] == pytest.approx(1.0, abs=1e-5)
+    assert same["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    diff = dreambench_scores([a], ["a dog"], [b], dino, clip)
+    assert diff["dino"] < 0.99 and diff["clip_i"] < 0.99
+    with pytest.raises(ValueError):
+        dreambench_scores([a, b], ["only one prompt"], [a], dino, clip)
+
+
+def test_scores_match_direct_computation(tiny, dino, clip):
+    """CLIP-T, CLIP-I and DINO recomputed here straight from open_clip / transformers."""
+    from transformers import ViTImageProcessorPil, ViTModel
+
+    generated = [_noise(2), _noise(3, size=(64, 64)), Image.linear_gradient("L").convert("RGB")]
+    prompts = ["a dog on the beach", "a dog in the snow", "a red cube"]
+    references = [_noise(4), Image.new("RGB", (70, 70), (20, 90, 200))]
+    scores = dreambench_scores(generated, prompts, references, dino, clip)
+
+    open_clip.add_model_config(Path(tiny["clip_config_dir"]) / f"{TINY_CLIP_NAME}.json")
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP_NAME, pretrained=tiny["clip_pretrained"])
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP_NAME)
+    vit = ViTModel.from_pretrained(tiny["dino"], add_pooling_layer=False)
+    processor = ViTImageProcessorPil.from_pretrained(tiny["dino"])
+    model.eval(), vit.eval()
+    with torch.no_grad():
+        gen_c = F.normalize(model.encode_image(torch.stack([preprocess(im) for im in generated])), dim=-1)
+        ref_c = F.normalize(model.encode_image(torch.stack([preprocess(im) for im in references])), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(prompts)), dim=-1)
+        cls = lambda ims: F.normalize(  # noqa: E731
+            vit(**processor(images=ims, return_tensors="pt")).last_hidden_state[:, 0], dim=-1)
+        gen_d, ref_d = cls(generated), cls(references)
+
+    clip_t = (gen_c * txt).sum(-1).mean().item()
+    assert abs(clip_t) > 1e-3  # not trivially zero, so the comparison means something
+    assert scores["clip_t"] == pytest.approx(clip_t, abs=1e-5)
+    assert scores["clip_i"] == pytest.approx((gen_c @ ref_c.T).mean().item(), abs=1e-5)
+    assert scores["dino"] == pytest.approx((gen_d @ ref_d.T).mean().item(), abs=1e-5)
+
+
+def test_embedding_cache_skips_model(tiny, dino, clip, tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    cached_dino = DinoEmbedder(tiny["dino"], cache=cache)
+    cached_clip = ClipEmbedder(tiny["clip_model_name"], tiny["clip_pretrained"],
+                               config_dir=tiny["clip_config_dir"], cache=cache)
+    a, b = _noise(5), _noise(6)
+    changed = b.copy()
+    changed.putpixel((0, 0), tuple(255 - v for v in b.getpixel((0, 0))))
+    for embedder, tower, uncached in ((cached_dino, cached_dino.model, dino),
+                                      (cached_clip, cached_clip.model.visual, clip)):
+        seen: list[int] = []  # batch size of every forward pass of the image tower
+        tower.register_forward_hook(
+            lambda m, args, kwargs, out: seen.append((args or [kwargs.get("pixel_values")])[0].shape[0]),
+            with_kwargs=True)
+
+        first = embedder.embed_images([a, b, a])
+        assert seen == [2]  # the repeated image is embedded once
+        torch.testing.assert_close(first, uncached.embed_images([a, b, a]))
+        second = embedder.embed_images([b, a])
+        assert seen == [2]  # everything cached: no forward pass
+        assert torch.equal(second, first[[1, 0]])
+        embedder.embed_images([a, changed])
+        assert seen == [2, 1]  # one changed pixel -> only that image is re-embedded
+
+    # Entries are keyed by model identity: another model must not read them.
+    other = DinoEmbedder(build_tiny_evaluators(tmp_path / "other", seed=1)["dino"], cache=cache)
+    assert other.model_id != cached_dino.model_id
+    assert not torch.allclose(other.embed_images([a]), cached_dino.embed_images([a]))
+
+
+def test_missing_paths_name_the_path(tiny, tmp_path):
+    missing = tmp_path / "no_such_dino"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        DinoEmbedder(missing)
+    weights = tmp_path / "no_such_weights.safetensors"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(weights))):
+        ClipEmbedder(tiny["clip_model_name"], weights, config_dir=tiny["clip_config_dir"])
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "no_cfg"))):
+        ClipEmbedder(tiny["clip_model_name"], tiny["clip_pretrained"], config_dir=tmp_path / "no_cfg")
+
+
+def test_strip_identifier():
+    assert strip_identifier("a photo of sks dog", "sks") == "a photo of dog"
+    assert strip_identifier("sks  dog,  sks", "sks") == "dog,"
+    assert strip_identifier("a tasks list", "sks") == "a tasks list"  # only whole tokens
