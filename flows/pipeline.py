@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import proxytune  # noqa: F401  (sets the project-local PREFECT_HOME before prefect loads)
 from prefect import flow
 
-from proxytune.params import ProxytuneError
+import proxytune  # noqa: F401  (sets the project-local PREFECT_HOME before prefect loads)
+from proxytune.params import ProxytuneError, load_params
 from proxytune.stage import is_current
 from tasks.bootstrap import bootstrap_task
 from tasks.distill import distill_task
@@ -33,15 +33,19 @@ STAGES = list(TASKS)
 
 @flow(name="proxytune")
 def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None) -> dict[str, dict]:
-    """Run `stages` (default: all, in order); a stage whose outputs are stale refreshes its cache."""
+    """Run `stages` (None: all) in pipeline order; a stage whose outputs are stale refreshes its cache.
+
+    Returns, per stage, its output paths and whether Prefect served it from cache.
+    """
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
         raise ProxytuneError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
-    selected = [s for s in STAGES if not stages or s in stages]
-    return {
-        stage: TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file))(params_file)
-        for stage in selected
-    }
+    results = {}
+    for stage in STAGES if stages is None else [s for s in STAGES if s in stages]:
+        task = TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file))
+        state = task(params_file, return_state=True)
+        results[stage] = {"outputs": state.result(), "cached": state.name == "Cached"}
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
     try:
-        pipeline(params_file=args.params, stages=args.stage)
+        load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
+        results = pipeline(params_file=args.params, stages=args.stage)
     except ProxytuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for stage, result in results.items():
+        print(f"{stage:<11} {'cached' if result['cached'] else 'ran'}")
     return 0
 
 

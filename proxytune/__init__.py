@@ -7,3 +7,5 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 # No phoning home: this runs on machines without internet.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary API server Prefect starts per process can be slow to come up on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -38,13 +38,16 @@ def load_pipeline(model: str, lora_dir: str | Path | None = None):
 
 @torch.inference_mode()
 def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-           batch_size: int, resolution: int | None = None) -> list[Image.Image]:
-    """One image per (prompt, seed); each image has its own generator, so batching never changes it."""
+           resolution: int | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed), each from its own generator and its own pipeline call.
+
+    Kernels round differently with the batch size (an image rendered in a batch of 8 and alone can differ
+    by one level in a few pixels), so images are rendered one per call: each is a function of
+    (prompt, seed) alone and any manifest row regenerates exactly.
+    """
     images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, start + batch_size)
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[chunk]]
-        out = pipe(prompts[chunk], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generators, height=resolution, width=resolution)
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        out = pipe([prompt], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=[torch.Generator("cpu").manual_seed(seed)], height=resolution, width=resolution)
         images.extend(out.images)
     return images

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from proxytune.io import sha256_file, sha256_tree
+
 TINY_CLIP_NAME = "proxytune-tiny-clip"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # what facebook/dino-vits16's preprocessor_config ships
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -55,20 +57,6 @@ def image_sha256(image: Image.Image) -> str:
     file does not matter, but any pixel change does)."""
     h = hashlib.sha256(f"{image.mode}:{image.width}x{image.height}:".encode())
     h.update(image.tobytes())
-    return h.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _sha256_dir(path: Path) -> str:
-    """Hash of every visible file in a model folder (weights + configs)."""
-    h = hashlib.sha256()
-    for p in sorted(path.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            h.update(f"{p.name}\0{_sha256_file(p)}\0".encode())
     return h.hexdigest()
 
 
@@ -187,7 +175,7 @@ class DinoEmbedder(_ImageEmbedder):
         self.model.to(self.device).eval()
 
     def _identity(self) -> str:
-        return _sha256_dir(self.path)
+        return sha256_tree(self.path)
 
     def _forward(self, images: list[Image.Image]) -> torch.Tensor:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -218,7 +206,7 @@ class ClipEmbedder(_ImageEmbedder):
             open_clip.add_model_config(config_file)
         pretrained = str(pretrained)
         if os.path.isfile(pretrained):
-            self._weights_id = lambda: "file:" + _sha256_file(Path(pretrained))
+            self._weights_id = lambda: "file:" + sha256_file(pretrained)
         elif open_clip.get_pretrained_cfg(model_name, pretrained):
             self._weights_id = lambda: "tag:" + pretrained
         else:

@@ -23,6 +23,8 @@ def load_params(path: str | Path = "params.yaml") -> dict:
         params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ProxytuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise ProxytuneError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(params, dict):
         raise ProxytuneError(f"{path}: must be a mapping of sections")
     name = str(get(params, "subject.name"))

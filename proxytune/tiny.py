@@ -12,6 +12,7 @@ import torch
 
 from proxytune.io import atomic_dir
 
+
 def train_clip_tokenizer(corpus: list[str], vocab_size: int = 400):
     """A `CLIPTokenizer` (CLIP's byte-level BPE pipeline) with merges trained here on `corpus`."""
     from tokenizers import pre_tokenizers

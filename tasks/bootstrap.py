@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ar_models import llamagen
-from proxytune.stage import stage_task
 from proxytune import metrics
 from proxytune.demo import write_demo_subject
 from proxytune.io import atomic_dir
 from proxytune.params import get
 from proxytune.prompts import corpus_words
+from proxytune.stage import stage_task
 from proxytune.tiny import build_tiny_supervisor
 
 MODELS = Path("models/tiny")

@@ -48,7 +48,7 @@ class StudentTuneConfig:
     steps: int = 500
     batch_size: int = 4
     cond_dropout: float = 0.1
-    mixed_precision: str = "no"  # "bf16" autocasts matmuls; LoRA weights stay fp32
+    mixed_precision: str = "fp32"  # "bf16" autocasts matmuls; LoRA weights stay fp32
     seed: int = 0
 
 
@@ -103,8 +103,8 @@ class ProxyTuning:
 def run(params: dict, log) -> dict:
     """Tune the student on `outputs/synthesize`; write the peft adapter and a card describing it."""
     s = params["student"]
-    if s.get("mixed_precision", "no") not in ("no", "bf16"):
-        raise ProxytuneError(f"params: student.mixed_precision must be 'no' or 'bf16', got {s['mixed_precision']!r}")
+    if s.get("mixed_precision", "fp32") not in ("fp32", "bf16"):
+        raise ProxytuneError(f"params: student.mixed_precision must be 'fp32' or 'bf16', got {s['mixed_precision']!r}")
     manifest = Path("outputs/synthesize/manifest.jsonl")
     rows = read_jsonl(manifest)
     student = load_student(s)
@@ -112,7 +112,7 @@ def run(params: dict, log) -> dict:
     cfg = StudentTuneConfig(
         lora_rank=int(s["lora_rank"]), lora_alpha=int(s["lora_alpha"]), learning_rate=float(s["learning_rate"]),
         steps=int(s["steps"]), batch_size=int(s["batch_size"]), cond_dropout=float(s["cond_dropout"]),
-        mixed_precision=s.get("mixed_precision", "no"), seed=int(get(params, "seed")),
+        mixed_precision=s.get("mixed_precision", "fp32"), seed=int(get(params, "seed")),
     )
     recipe = ProxyTuning(student, cfg)
     recipe.setup(codes, [r["prompt"] for r in rows])

@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw
 
 from ar_models import load_student
 from proxytune import metrics
+from proxytune.cache import cache_dir
 from proxytune.diffusion import load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
-from proxytune.params import get, local_path, model_source
+from proxytune.params import ProxytuneError, get, local_path, model_source
 from proxytune.prompts import EVAL_PROMPTS, subject_phrase
 from proxytune.stage import stage_task
 from tasks.distill import ADAPTER_DIR
@@ -56,7 +57,7 @@ def supervisor_samples(params: dict, prompts: list[str]) -> list[Image.Image]:
     pipe = load_pipeline(model_source(params, "supervisor.model"), lora_dir="outputs/supervise")
     seeds = [int(params["seed"]) * 7919 + i for i in range(len(prompts))]
     return sample(pipe, prompts, seeds, int(get(params, "supervisor.sample_steps")),
-                  float(get(params, "supervisor.guidance_scale")), batch_size=8,
+                  float(get(params, "supervisor.guidance_scale")),
                   resolution=int(get(params, "student.image_size")))
 
 
@@ -66,8 +67,13 @@ def run(params: dict, log) -> dict:
     identifier = get(params, "subject.identifier")
     phrase = subject_phrase(identifier, get(params, "subject.class_noun"))
     prompts = [t.format(phrase) for t in EVAL_PROMPTS[: int(e["prompts_per_model"])]]
-    dino = metrics.DinoEmbedder(local_path(params, "evaluate.dino", "DINO model folder"))
-    clip = metrics.ClipEmbedder(e["clip_model"], e["clip_pretrained"], config_dir=e.get("clip_config_dir"))
+    cache = metrics.EmbeddingCache(cache_dir("embeddings"))
+    dino = metrics.DinoEmbedder(local_path(params, "evaluate.dino", "DINO model folder"), cache=cache)
+    try:
+        clip = metrics.ClipEmbedder(e["clip_model"], e["clip_pretrained"], config_dir=e.get("clip_config_dir"),
+                                    cache=cache)
+    except FileNotFoundError as err:
+        raise ProxytuneError(f"params: evaluate.clip_pretrained / clip_config_dir: {err}") from None
     prepared = Path("outputs/prepare")
     references = [Image.open(prepared / r["file"]).convert("RGB") for r in read_jsonl(prepared / "captions.jsonl")]
     generated = {"supervisor": supervisor_samples(params, prompts), "student": student_samples(params, prompts)}

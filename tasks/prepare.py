@@ -10,10 +10,10 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from proxytune.stage import stage_task
 from proxytune.io import atomic_dir, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, local_path
 from proxytune.prompts import CAPTION, subject_phrase
+from proxytune.stage import stage_task
 
 MIN_IMAGES = 2
 
@@ -27,7 +27,7 @@ def load_reference(path: Path, min_side: int) -> Image.Image:
             img.load()
     except UnidentifiedImageError:
         raise ProxytuneError(f"{path}: not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ProxytuneError(f"{path}: unreadable or truncated image ({e})") from None
     img = ImageOps.exif_transpose(img)
     if min(img.size) < min_side:
@@ -59,7 +59,12 @@ def run(params: dict, log) -> dict:
     folder = local_path(params, "subject.images", "folder")
     if not folder.is_dir():
         raise ProxytuneError(f"params: subject.images: {str(folder)!r} is not a folder")
-    resolution = int(get(params, "prepare.resolution"))
+    try:
+        resolution = int(get(params, "prepare.resolution"))
+    except (TypeError, ValueError):
+        raise ProxytuneError(
+            f"params: prepare.resolution must be an integer, got {get(params, 'prepare.resolution')!r}"
+        ) from None
     if resolution < 8:
         raise ProxytuneError(f"params: prepare.resolution must be at least 8, got {resolution}")
     phrase = subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun"))

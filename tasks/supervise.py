@@ -7,7 +7,6 @@ noun keeps its meaning. Latents and text embeddings are computed once, since VAE
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from proxytune.stage import stage_task
 from proxytune.diffusion import load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
 from proxytune.params import get, model_source
 from proxytune.prompts import CAPTION
+from proxytune.stage import stage_task
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -72,7 +71,7 @@ class DreamBoothLoRA:
         self.class_images = sample(
             self.pipe, [cfg.class_prompt] * cfg.num_class_images,
             [cfg.seed * 100_000 + i for i in range(cfg.num_class_images)],
-            cfg.sample_steps, cfg.guidance_scale, batch_size=8, resolution=resolution,
+            cfg.sample_steps, cfg.guidance_scale, resolution=resolution,
         )
         with torch.no_grad():
             self.instance_latents = self._latent_dist([Image.open(p) for p in cfg.instance_images])
@@ -125,7 +124,11 @@ class DreamBoothLoRA:
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True)
+        # The adapter config (lora_alpha above all) goes in the file's metadata, as diffusers' training
+        # scripts do; without it the loader assumes alpha == rank and rescales any other LoRA.
+        metadata = self.unet.peft_config["default"].to_dict()
+        StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=metadata)
         return out_dir / LORA_FILE
 
 

@@ -10,13 +10,23 @@ from pathlib import Path
 from proxytune.diffusion import load_pipeline, sample
 from proxytune.io import atomic_dir, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, model_source
-from proxytune.prompts import PROXY_BANK, subject_phrase
+from proxytune.prompts import ACCESSORIES, PROPERTIES, RECONTEXT, subject_phrase
 from proxytune.stage import stage_task
+
+PROXY_KINDS = (RECONTEXT, ACCESSORIES, PROPERTIES)
+
+
+def proxy_cycle() -> list[str]:
+    """Every bank template once, each kind spread evenly through the cycle (R A P R R A P R ...), so that
+    any run of prompts mixes the kinds instead of exhausting re-contextualisation first."""
+    keyed = [((j + 0.5) / len(kind), k, t) for k, kind in enumerate(PROXY_KINDS) for j, t in enumerate(kind)]
+    return [t for *_, t in sorted(keyed)]
 
 
 def proxy_prompts(phrase: str, count: int) -> list[str]:
     """`count` prompts cycling through the bank, so every kind of context is covered evenly."""
-    return [PROXY_BANK[i % len(PROXY_BANK)].format(phrase) for i in range(count)]
+    cycle = proxy_cycle()
+    return [cycle[i % len(cycle)].format(phrase) for i in range(count)]
 
 
 def run(params: dict, log) -> dict:
@@ -31,7 +41,7 @@ def run(params: dict, log) -> dict:
     seeds = [int(params["seed"]) * 1_000_003 + i for i in range(count)]
     resolution = int(get(params, "prepare.resolution"))
     images = sample(pipe, prompts, seeds, int(s["sample_steps"]), float(s["guidance_scale"]),
-                    int(s["batch_size"]), resolution)
+                    resolution)
     out = Path("outputs/synthesize")
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()

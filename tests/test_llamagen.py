@@ -267,7 +267,7 @@ def test_generate_is_deterministic_and_cache_is_exact(student):
 def test_batched_cfg_matches_separate_forwards(student, scale):
     """Reference sampler: cond and uncond rows in separate uncached forwards, guided by hand."""
     cond = student.encode_prompts(PROMPTS)
-    gpt, T, N = student.gpt, student.gpt.config.cls_token_num, student.gpt.config.block_size
+    gpt, N = student.gpt, student.gpt.config.block_size
     uncond = gpt.cls_embedding.uncond_embedding.expand(2, -1, -1)
     generator = torch.Generator().manual_seed(11)
     tokens = torch.empty(2, 0, dtype=torch.long)

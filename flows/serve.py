@@ -1,0 +1,25 @@
+"""Register the pipeline as Prefect deployments and serve them, so runs can be launched from the UI.
+
+Start a server first (`prefect server start`), point this process at it
+(`export PREFECT_API_URL=http://127.0.0.1:4200/api`), then `python -m flows.serve`. The UI's
+"Run" button on a deployment takes the flow's parameters (`params_file`, `stages`).
+"""
+from __future__ import annotations
+
+from prefect import serve
+
+import proxytune  # noqa: F401  (project-local PREFECT_HOME before prefect loads)
+from flows.pipeline import STAGES, pipeline
+
+
+def deployments():
+    """The full chain, plus one deployment per stage for re-running a single stage."""
+    full = pipeline.to_deployment(name="full", tags=["proxytune"],
+                                  description="Every stage, each served from cache when its inputs are unchanged.")
+    single = [pipeline.to_deployment(name=f"stage-{stage}", parameters={"stages": [stage]}, tags=["proxytune"])
+              for stage in STAGES]
+    return [full, *single]
+
+
+if __name__ == "__main__":
+    serve(*deployments())

@@ -1,0 +1,305 @@
+"""`proxytune.cache` keys and stamps, and `proxytune.io.atomic_dir`."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import copy_project
+
+from proxytune import cache
+from proxytune.cache import outputs_current, stage_key, write_stamp
+from proxytune.demo import write_demo_subject
+from proxytune.io import atomic_dir
+from proxytune.params import load_params
+
+STAGES = ["bootstrap", "prepare", "supervise", "synthesize", "distill", "evaluate"]
+
+# Stand-ins for the files `bootstrap` builds: keys only hash contents, so small fake weights do
+# (and spare this file the real bootstrap, which takes ~20 s on 2 CPU cores).
+FAKE_MODELS = {
+    "models/tiny/supervisor/model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
+    "models/tiny/supervisor/unet/diffusion_pytorch_model.safetensors": bytes(range(256)) * 64,
+    "models/tiny/llamagen/t2i.pt": bytes(range(255, -1, -1)) * 64,
+    "models/tiny/llamagen/vq.pt": b"vq" * 4096,
+    "models/tiny/llamagen/text_encoder/config.json": b'{"d_model": 8}',
+    "models/tiny/evaluators/dino/config.json": b'{"hidden_size": 8}',
+    "models/tiny/evaluators/clip/open_clip_model.safetensors": b"clip" * 2048,
+    "models/tiny/evaluators/clip/proxytune-tiny-clip.json": b'{"embed_dim": 8}',
+}
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A project folder (cwd) with the code, params, demo subject and stand-in model files."""
+    root = copy_project(tmp_path / "proj")
+    write_demo_subject(root / "data" / "demo_subject")
+    for rel, data in FAKE_MODELS.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))
+    return root
+
+
+def keys(params: dict, root: Path | None = None) -> dict[str, str]:
+    return {s: stage_key(s, params, root) for s in STAGES}
+
+
+def bump_mtime(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, (st.st_atime + 1000, st.st_mtime + 1000))
+
+
+def flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------- stage_key
+
+
+def test_keys_are_stable_and_distinct(project):
+    params = load_params()
+    first = keys(params)
+    assert keys(load_params()) == first
+    assert len(set(first.values())) == len(STAGES)
+    assert all(len(k) == 64 for k in first.values())
+
+
+@pytest.mark.parametrize("stage, dep", [
+    ("prepare", "tasks/prepare.py"),
+    ("prepare", "data/demo_subject/03.jpg"),        # via ${subject.images}
+    ("supervise", "models/tiny/supervisor/model_index.json"),
+    ("distill", "ar_models/llamagen.py"),
+    ("distill", "models/tiny/llamagen/t2i.pt"),     # named by a param (student.checkpoint)
+])
+def test_key_follows_contents_not_mtime(project, stage, dep):
+    params = load_params()
+    path = project / dep
+    assert path.is_file()
+    before = stage_key(stage, params)
+
+    bump_mtime(path)
+    path.touch()
+    assert stage_key(stage, params) == before, "touching a dep without changing it must keep the key"
+
+    original = path.read_bytes()
+    flip_last_byte(path)
+    changed = stage_key(stage, params)
+    assert changed != before, "changing one byte of a dep must change the key"
+
+    path.write_bytes(original)
+    assert stage_key(stage, params) == before, "restoring the content restores the key"
+
+
+def test_new_file_in_dep_folder_changes_key(project):
+    params = load_params()
+    before = stage_key("prepare", params)
+    shutil.copy(project / "data/demo_subject/00.jpg", project / "data/demo_subject/04.jpg")
+    assert stage_key("prepare", params) != before
+
+
+def test_renaming_a_file_in_a_dep_folder_changes_key(project):
+    params = load_params()
+    before = stage_key("prepare", params)
+    os.replace(project / "data/demo_subject/00.jpg", project / "data/demo_subject/zz.jpg")
+    assert stage_key("prepare", params) != before
+
+
+def test_copied_project_has_same_keys(project, tmp_path, monkeypatch):
+    params = load_params()
+    here = keys(params)
+    other = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(project, other)
+    # Different mtimes too: the copy was written later; push them further to be sure.
+    for p in other.rglob("*"):
+        if p.is_file():
+            bump_mtime(p)
+    assert keys(params, other) == here
+    monkeypatch.chdir(other)
+    assert keys(load_params()) == here
+
+
+def test_student_param_changes_only_downstream_keys(project):
+    params = load_params()
+    before = keys(params)
+    for name, value in [("steps", 999), ("lora_rank", 16), ("learning_rate", 5e-4)]:
+        changed = copy.deepcopy(params)
+        changed["student"][name] = value
+        after = keys(changed)
+        for stage in ("distill", "evaluate"):
+            assert after[stage] != before[stage], (name, stage)
+        for stage in ("bootstrap", "prepare", "supervise", "synthesize"):
+            assert after[stage] == before[stage], (name, stage)
+
+
+def test_supervisor_steps_changes_supervise_key(project):
+    params = load_params()
+    before = keys(params)
+    changed = copy.deepcopy(params)
+    changed["supervisor"]["steps"] = int(params["supervisor"]["steps"]) + 1
+    after = keys(changed)
+    assert after["supervise"] != before["supervise"]
+    for stage in ("bootstrap", "prepare"):
+        assert after[stage] == before[stage], stage
+
+
+def test_subject_images_path_param_changes_prepare_key(project, tmp_path):
+    """Pointing subject.images at different photos changes prepare's key (content of the new folder)."""
+    params = load_params()
+    before = stage_key("prepare", params)
+    other = tmp_path / "other_photos"
+    shutil.copytree(project / "data/demo_subject", other)
+    flip_last_byte(other / "01.jpg")
+    changed = copy.deepcopy(params)
+    changed["subject"]["images"] = str(other)
+    assert stage_key("prepare", changed) != before
+
+
+# ---------------------------------------------------------------- stamps
+
+
+def make_outputs(root: Path) -> Path:
+    out = root / "outputs" / "prepare"
+    (out / "instance").mkdir(parents=True)
+    (out / "instance" / "00.png").write_bytes(b"png-bytes-0")
+    (out / "captions.jsonl").write_text('{"file": "instance/00.png"}\n')
+    return out
+
+
+def test_stamp_marks_outputs_current(project):
+    out = make_outputs(project)
+    key = stage_key("prepare", load_params())
+    assert not outputs_current("prepare", key), "no stamp yet"
+    write_stamp("prepare", key)
+    assert outputs_current("prepare", key)
+    assert outputs_current("prepare", key, project)
+    assert not outputs_current("prepare", "0" * 64), "a different key"
+    assert not outputs_current("supervise", key), "another stage has no stamp"
+
+    bump_mtime(out / "captions.jsonl")
+    assert outputs_current("prepare", key), "an mtime alone does not make outputs stale"
+
+
+@pytest.mark.parametrize("change", ["modify", "append", "delete_file", "add_file", "delete_dir"])
+def test_stamp_invalidated_by_output_change(project, change):
+    out = make_outputs(project)
+    key = stage_key("prepare", load_params())
+    write_stamp("prepare", key)
+    assert outputs_current("prepare", key)
+    png = out / "instance" / "00.png"
+    if change == "modify":
+        flip_last_byte(png)
+    elif change == "append":
+        with open(out / "captions.jsonl", "a") as f:
+            f.write("\n")
+    elif change == "delete_file":
+        png.unlink()
+    elif change == "add_file":
+        (out / "instance" / "01.png").write_bytes(b"stray")
+    elif change == "delete_dir":
+        shutil.rmtree(out)
+    assert not outputs_current("prepare", key)
+
+
+def test_stamp_checks_every_declared_output(project):
+    """supervise declares a folder and a plot csv: losing either makes it stale."""
+    (project / "outputs" / "supervise").mkdir(parents=True)
+    (project / "outputs" / "supervise" / "lora.safetensors").write_bytes(b"w")
+    csv = project / "outputs" / "supervise_loss.csv"
+    csv.write_text("step,loss\n0,1.0\n")
+    key = stage_key("supervise", load_params())
+    write_stamp("supervise", key)
+    assert outputs_current("supervise", key)
+    csv.unlink()
+    assert not outputs_current("supervise", key)
+
+
+def test_stamp_written_for_missing_outputs_is_not_current(project):
+    key = stage_key("prepare", load_params())
+    write_stamp("prepare", key)  # nothing in outputs/prepare
+    assert not outputs_current("prepare", key)
+
+
+def test_restamp_with_new_key(project):
+    make_outputs(project)
+    params = load_params()
+    old = stage_key("prepare", params)
+    write_stamp("prepare", old)
+    params["prepare"]["resolution"] = 32
+    new = stage_key("prepare", params)
+    assert new != old
+    assert not outputs_current("prepare", new)
+    write_stamp("prepare", new)
+    assert outputs_current("prepare", new)
+    assert not outputs_current("prepare", old)
+
+
+def test_cache_dir_honours_env(project, monkeypatch, tmp_path):
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "c"))
+    path = cache.cache_dir("codes")
+    assert path == tmp_path / "c" / "codes" and path.is_dir()
+
+
+# ---------------------------------------------------------------- atomic_dir
+
+
+def _tmp_leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((".out.tmp-", ".out.old-")))
+
+
+def test_atomic_dir_failure_keeps_previous(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "keep.txt").write_text("previous")
+    (final / "sub").mkdir()
+    (final / "sub" / "x.bin").write_bytes(b"\x00\x01")
+
+    seen = []
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_dir(final) as tmp:
+            seen.append(tmp)
+            assert tmp.parent == final.parent and tmp.is_dir() and tmp != final
+            (tmp / "keep.txt").write_text("half-written")
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("boom")
+
+    assert (final / "keep.txt").read_text() == "previous"
+    assert (final / "sub" / "x.bin").read_bytes() == b"\x00\x01"
+    assert not (final / "new.txt").exists()
+    assert not seen[0].exists()
+    assert _tmp_leftovers(tmp_path) == []
+
+
+def test_atomic_dir_failure_without_previous_leaves_nothing(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(final) as tmp:
+            (tmp / "a").write_text("a")
+            raise KeyboardInterrupt
+    assert not final.exists()
+    assert _tmp_leftovers(tmp_path) == []
+
+
+def test_atomic_dir_success_replaces_content(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "stale.txt").write_text("old")
+    with atomic_dir(final) as tmp:
+        (tmp / "fresh.txt").write_text("new")
+        assert (final / "stale.txt").exists(), "the old content stays visible until the block succeeds"
+    assert sorted(p.name for p in final.iterdir()) == ["fresh.txt"]
+    assert (final / "fresh.txt").read_text() == "new"
+    assert _tmp_leftovers(tmp_path) == []
+
+
+def test_atomic_dir_creates_missing_parents(tmp_path):
+    final = tmp_path / "a" / "b" / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "f").write_text("x")
+    assert (final / "f").read_text() == "x"
+    assert _tmp_leftovers(final.parent) == []

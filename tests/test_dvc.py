@@ -1,0 +1,82 @@
+"""DVC drives the stages: `dvc repro` runs them all, then reports everything up to date; experiments,
+metrics and plots work. Stage processes talk to one `prefect server start`, as a user's would."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import copy_project
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail("prefect server did not start")
+            time.sleep(1)
+    yield api
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def _run(args, cwd, env):
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+def test_dvc_repro_then_up_to_date_then_experiment(tmp_path, prefect_server):
+    root = copy_project(tmp_path / "proj")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server,
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PROXYTUNE_CACHE": str(root / ".cache")}
+    env.pop("PREFECT_HOME", None)
+    git = ["git", "-c", "user.email=ci@proxytune", "-c", "user.name=ci"]
+    _run(git + ["init", "-q"], root, env)
+    _run([str(BIN / "dvc"), "init", "-q"], root, env)
+    _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root, env)
+    (root / ".gitignore").write_text("/models/tiny\n/data/demo_subject\n/outputs\n/.proxytune\n/.cache\n/mlflow.db\n/mlartifacts\n/.prefect\n")
+
+    first = _run([str(BIN / "dvc"), "repro"], root, env)
+    for stage in ("bootstrap", "prepare", "supervise", "synthesize", "distill", "evaluate"):
+        assert f"Running stage '{stage}'" in first
+
+    second = _run([str(BIN / "dvc"), "repro"], root, env)
+    assert "Running stage" not in second
+    assert "up to date" in _run([str(BIN / "dvc"), "status"], root, env)
+
+    metrics = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], root, env))
+    assert "dino" in json.dumps(metrics)
+    _run([str(BIN / "dvc"), "plots", "show", "-o", "plots"], root, env)
+    assert (root / "plots" / "index.html").is_file()
+
+    _run(git + ["add", "-A"], root, env)
+    _run(git + ["commit", "-qm", "pipeline"], root, env)
+    exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "student.steps=3"], root, env)
+    assert "Running stage 'distill'" in exp and "Running stage 'evaluate'" in exp
+    assert "Running stage 'supervise'" not in exp

@@ -1,0 +1,74 @@
+"""End to end: the Prefect flow runs every stage, then serves everything from cache on a re-run."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import yaml
+
+from flows.pipeline import main, pipeline
+
+AFTER_BOOTSTRAP = ["prepare", "supervise", "synthesize", "distill", "evaluate"]
+
+
+def _set_param(section: str, key: str, value) -> None:
+    params = yaml.safe_load(open("params.yaml"))
+    params[section][key] = value
+    with open("params.yaml", "w") as f:
+        yaml.safe_dump(params, f, sort_keys=False)
+
+
+def test_pipeline_runs_then_caches_and_recomputes_only_what_changed(project):
+    first = pipeline(stages=AFTER_BOOTSTRAP)
+    assert [s for s, r in first.items() if r["cached"]] == []
+
+    scores = json.loads((project / "outputs/metrics.json").read_text())
+    for model in ("student", "supervisor"):
+        assert set(scores[model]) == {"dino", "clip_i", "clip_t"}
+        assert all(-1.0 <= v <= 1.0 for v in scores[model].values())
+    assert (project / "outputs/evaluate/grid.png").is_file()
+    assert (project / "outputs/supervise/pytorch_lora_weights.safetensors").is_file()
+    assert (project / "outputs/distill/adapter/adapter_model.safetensors").is_file()
+    _check_mlflow_runs()
+    lora_mtime = (project / "outputs/supervise/pytorch_lora_weights.safetensors").stat().st_mtime_ns
+
+    second = pipeline(stages=AFTER_BOOTSTRAP)
+    assert all(r["cached"] for r in second.values()), second
+    assert (project / "outputs/supervise/pytorch_lora_weights.safetensors").stat().st_mtime_ns == lora_mtime
+
+    _set_param("student", "learning_rate", 5.0e-3)
+    third = pipeline(stages=AFTER_BOOTSTRAP)
+    assert {s: r["cached"] for s, r in third.items()} == {
+        "prepare": True, "supervise": True, "synthesize": True, "distill": False, "evaluate": False}
+
+    # A deleted output is never papered over by a cache hit.
+    (project / "outputs/metrics.json").unlink()
+    fourth = pipeline(stages=["evaluate"])
+    assert fourth["evaluate"]["cached"] is False
+    assert (project / "outputs/metrics.json").is_file()
+
+
+def _check_mlflow_runs():
+    """One parent run for the pipeline run, one nested run per stage, with losses, metrics and grids."""
+    runs = mlflow.search_runs(experiment_names=["proxytune"], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("proxytune.pipeline") == "true"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.data.tags["stage"] for r in children) == sorted(AFTER_BOOTSTRAP)
+    by_stage = {r.data.tags["stage"]: r for r in children}
+    for run in children:
+        assert run.data.tags["prefect.flow_run_id"] not in ("", "none")
+        assert "git.commit" in run.data.tags
+    assert "student.dino" in by_stage["evaluate"].data.metrics
+    assert "loss" in by_stage["distill"].data.metrics
+    history = mlflow.MlflowClient().get_metric_history(by_stage["supervise"].info.run_id, "loss")
+    assert len(history) == 4  # FAST sets supervisor.steps = 4: one point per step
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(by_stage["evaluate"].info.run_id, "grids")]
+    assert artifacts == ["grids/grid.png"]
+
+
+def test_cli_reports_bad_params_in_one_line(project, capsys):
+    _set_param("subject", "name", "../x")
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: params: subject.name '../x'")

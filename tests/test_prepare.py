@@ -1,0 +1,306 @@
+"""Stage `prepare`: reference photos in, square RGB PNGs + captions out, or one clear error."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageOps
+
+from proxytune.io import read_jsonl
+from proxytune.params import ProxytuneError, load_params
+from tasks import prepare
+
+OUT = Path("outputs/prepare")
+
+
+def noisy(size=(96, 80), mode="RGB", seed=0) -> Image.Image:
+    """A photo-like image (random content, so JPEG data is not trivially small)."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode) if mode != "RGB" else Image.fromarray(arr, "RGB")
+
+
+def write_good(folder: Path, n: int = 3, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"good{i}.jpg"
+        noisy(seed=i).save(p, quality=90)
+        paths.append(p)
+    return paths
+
+
+def use_folder(params: dict, folder: Path) -> dict:
+    params["subject"]["images"] = str(folder)
+    return params
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers() -> list[str]:
+    return sorted(p.name for p in OUT.parent.iterdir() if p.name.startswith((".prepare.tmp-", ".prepare.old-")))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assert_one_line(err: pytest.ExceptionInfo, *names: str) -> str:
+    msg = str(err.value)
+    assert msg and "\n" not in msg, f"error message must be one line: {msg!r}"
+    for name in names:
+        assert name in msg, f"{name!r} not named in {msg!r}"
+    return msg
+
+
+# ---------------------------------------------------------------- the demo subject
+
+
+def test_demo_subject_is_prepared(project, log):
+    params = load_params()
+    res = int(params["prepare"]["resolution"])
+    result = prepare.run(params, log)
+
+    assert Path(result["instance_dir"]) == OUT / "instance"
+    assert Path(result["captions"]) == OUT / "captions.jsonl"
+    pngs = sorted((OUT / "instance").glob("*.png"))
+    assert [p.name for p in pngs] == ["00.png", "01.png", "02.png", "03.png"]
+    for p in pngs:
+        with Image.open(p) as img:
+            assert img.format == "PNG"
+            assert img.size == (res, res)
+            assert img.mode == "RGB"
+
+    rows = read_jsonl(OUT / "captions.jsonl")
+    assert len(rows) == 4
+    assert [r["source"] for r in rows] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
+    for i, row in enumerate(rows):
+        assert row["file"] == f"instance/{i:02d}.png"
+        assert row["caption"] == "a photo of sks toy"
+        assert row["sha256"] == sha256(OUT / row["file"])
+    assert ({"num_references": 4}, None) in log.logged
+    assert leftovers() == []
+
+
+def test_exif_rotated_demo_image_comes_out_upright(project, log):
+    params = load_params()
+    res = int(params["prepare"]["resolution"])
+    src = Path("data/demo_subject/03.jpg")
+    with Image.open(src) as raw:
+        assert raw.getexif().get(0x0112) == 6, "fixture assumption: 03.jpg carries EXIF orientation 6"
+        raw.load()
+        upright = ImageOps.exif_transpose(raw).convert("RGB")
+        stored = raw.convert("RGB")
+    fit = lambda im: np.asarray(ImageOps.fit(im, (res, res), method=Image.Resampling.LANCZOS), dtype=float)  # noqa: E731
+
+    prepare.run(params, log)
+    with Image.open(OUT / "instance/03.png") as out:
+        got = np.asarray(out.convert("RGB"), dtype=float)
+
+    diff_upright = np.abs(got - fit(upright)).mean()
+    diff_stored = np.abs(got - fit(stored)).mean()
+    assert diff_upright < 1.0, diff_upright
+    # Not rotated would look clearly different (the toy's band and star turn by 90 degrees).
+    assert diff_stored > 10 * max(diff_upright, 0.5), (diff_upright, diff_stored)
+
+
+def test_hidden_files_are_ignored(project, log, tmp_path):
+    folder = tmp_path / "refs"
+    write_good(folder, 2)
+    (folder / ".DS_Store").write_bytes(b"\x00\x01junk")
+    (folder / "sub").mkdir()
+    prepare.run(use_folder(load_params(), folder), log)
+    rows = read_jsonl(OUT / "captions.jsonl")
+    assert [r["source"] for r in rows] == ["good0.jpg", "good1.jpg"]
+
+
+# ---------------------------------------------------------------- odd colour modes
+
+
+def test_odd_modes_become_rgb(project, log, tmp_path):
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    size = (96, 96)
+
+    rgba = Image.new("RGBA", size, (0, 0, 0, 0))  # fully transparent -> white background
+    rgba.paste((200, 0, 0, 255), (0, 0, 96, 48))  # opaque red top half
+    rgba.save(folder / "a_rgba.png")
+
+    pal = Image.new("P", size, 0)
+    pal.putpalette([0, 0, 255] + [0, 0, 0] * 255)  # index 0 = blue
+    pal.save(folder / "b_palette.png")
+
+    Image.new("L", size, 128).save(folder / "c_grey.png")
+    Image.new("LA", size, (60, 255)).save(folder / "d_grey_alpha.png")
+    Image.new("CMYK", size, (0, 255, 255, 0)).save(folder / "e_cmyk.jpg", quality=95)  # red
+    Image.new("1", size, 1).save(folder / "f_bilevel.png")
+
+    for p in folder.iterdir():  # make sure the inputs really are in those modes
+        with Image.open(p) as im:
+            assert im.mode != "RGB", p
+
+    prepare.run(use_folder(load_params(), folder), log)
+    rows = read_jsonl(OUT / "captions.jsonl")
+    assert [r["source"] for r in rows] == sorted(p.name for p in folder.iterdir())
+
+    def px(i, xy=(32, 32)):
+        with Image.open(OUT / f"instance/{i:02d}.png") as im:
+            assert im.mode == "RGB" and im.size == (64, 64)
+            return np.array(im.getpixel(xy))
+
+    assert np.abs(px(0, (32, 5)) - (200, 0, 0)).max() <= 3       # RGBA opaque part keeps its colour
+    assert np.abs(px(0, (32, 60)) - (255, 255, 255)).max() <= 3  # transparent part -> white, not black
+    assert np.abs(px(1) - (0, 0, 255)).max() <= 3                # palette
+    assert np.abs(px(2) - (128, 128, 128)).max() <= 3            # greyscale
+    assert np.abs(px(3) - (60, 60, 60)).max() <= 3               # greyscale + alpha
+    assert np.abs(px(4) - (255, 0, 0)).max() <= 12              # CMYK (JPEG-compressed)
+    assert np.abs(px(5) - (255, 255, 255)).max() <= 3            # 1-bit
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _case_empty(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    return folder, [str(folder)]
+
+
+def _case_single(tmp_path):
+    folder = tmp_path / "single"
+    write_good(folder, 1)
+    return folder, [str(folder)]
+
+
+def _case_not_an_image(tmp_path):
+    folder = tmp_path / "withtext"
+    write_good(folder, 3)
+    (folder / "notes.txt").write_text("taken with my phone\n")
+    return folder, ["notes.txt"]
+
+
+def _case_truncated(tmp_path):
+    folder = tmp_path / "truncated"
+    write_good(folder, 2)
+    bad = folder / "cut.jpg"
+    noisy(size=(128, 128), seed=9).save(bad, quality=95)
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    return folder, ["cut.jpg"]
+
+
+def _case_tiny(tmp_path):
+    folder = tmp_path / "tiny"
+    write_good(folder, 2)
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(folder / "dot.png")
+    return folder, ["dot.png"]
+
+
+def _case_missing(tmp_path):
+    return tmp_path / "no" / "such" / "folder", ["subject.images"]
+
+
+def _case_is_a_file(tmp_path):
+    paths = write_good(tmp_path / "afile", 2)
+    return paths[0], ["subject.images"]
+
+
+BAD = {
+    "empty": _case_empty,
+    "single": _case_single,
+    "not_an_image": _case_not_an_image,
+    "truncated": _case_truncated,
+    "1x1": _case_tiny,
+    "missing": _case_missing,
+    "is_a_file": _case_is_a_file,
+}
+
+
+@pytest.fixture
+def earlier_output(project, log):
+    """A successful run on the demo subject first; returns its bytes."""
+    prepare.run(load_params(), log)
+    before = snapshot(OUT)
+    assert len(before) == 5
+    return before
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_fails_cleanly(earlier_output, tmp_path, log, case):
+    folder, names = BAD[case](tmp_path)
+    params = use_folder(load_params(), folder)
+    with pytest.raises(ProxytuneError) as err:
+        prepare.run(params, log)
+    assert_one_line(err, *names)
+    assert snapshot(OUT) == earlier_output
+    assert leftovers() == []
+
+
+def test_unsafe_subject_name_rejected_by_load_params(earlier_output, tmp_path):
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["subject"]["name"] = "../x"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ProxytuneError) as err:
+        load_params(path)
+    assert_one_line(err, "subject.name", "../x")
+    assert snapshot(OUT) == earlier_output
+    assert leftovers() == []
+
+
+@pytest.mark.parametrize("value", [4, "abc"])
+def test_bad_resolution_names_parameter(earlier_output, log, value):
+    params = load_params()
+    params["prepare"]["resolution"] = value
+    with pytest.raises(ProxytuneError) as err:
+        prepare.run(params, log)
+    assert_one_line(err, "prepare.resolution")
+    assert snapshot(OUT) == earlier_output
+
+
+@pytest.mark.parametrize("side", [120, 200])
+def test_decompression_bomb_names_file(earlier_output, tmp_path, log, monkeypatch, side):
+    folder = tmp_path / "bomb"
+    write_good(folder, 2)  # 96x80 px: under the lowered limit
+    Image.new("RGB", (side, side)).save(folder / "huge.png")
+    # With the limit lowered to 10,000 px: 120x120 only warns (DecompressionBombWarning),
+    # 200x200 is over twice the limit, so PIL raises DecompressionBombError on open.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(ProxytuneError) as err:
+        prepare.run(use_folder(load_params(), folder), log)
+    assert_one_line(err, "huge.png")
+    assert snapshot(OUT) == earlier_output
+    assert leftovers() == []
+
+
+def test_failure_while_writing_keeps_earlier_output(earlier_output, tmp_path, log, monkeypatch):
+    """A crash half-way through writing must not leave half an output folder."""
+    write_good(tmp_path / "refs", 3)
+    real_square = prepare.square
+    calls = []
+
+    def flaky(img, resolution):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real_square(img, resolution)
+
+    monkeypatch.setattr(prepare, "square", flaky)
+    with pytest.raises(RuntimeError):
+        prepare.run(use_folder(load_params(), tmp_path / "refs"), log)
+    assert len(calls) == 2
+    assert snapshot(OUT) == earlier_output
+    assert leftovers() == []
+
+
+def test_rerun_replaces_output(earlier_output, tmp_path, log):
+    write_good(tmp_path / "refs", 2)
+    prepare.run(use_folder(load_params(), tmp_path / "refs"), log)
+    after = snapshot(OUT)
+    assert sorted(after) == ["captions.jsonl", "instance/00.png", "instance/01.png"]
+    assert leftovers() == []
