@@ -111,3 +111,8 @@ def cache_dir(kind: str, root: Path | None = None) -> Path:
     path = Path(os.environ.get("PROXYTUNE_CACHE", root / ".proxytune" / "cache")) / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def checkpoint_dir(stage: str, params: dict, root: Path | None = None) -> Path:
+    """Where an interrupted run of `stage` with exactly these inputs left its training checkpoints."""
+    return cache_dir("checkpoints", root) / stage / stage_key(stage, params, root)[:20]

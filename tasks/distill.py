@@ -16,10 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from ar_models import ARStudent, PromptBatch, load_student
-from proxytune.cache import cache_dir
+from proxytune.cache import cache_dir, checkpoint_dir
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl, sha256_file
 from proxytune.params import ProxytuneError, get
 from proxytune.stage import stage_task
+from proxytune.training import Checkpointer, train
 from tasks.supervise import to_tensor, write_loss_csv
 
 ADAPTER_DIR = "adapter"
@@ -66,6 +67,7 @@ class ProxyTuning:
         lora = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
                           target_modules=self.student.lora_target_modules())
         self.student.gpt = get_peft_model(self.student.gpt, lora)
+        self.trainable = self.student.gpt
         distinct = sorted(set(prompts))
         with torch.inference_mode():
             cond = self.student.encode_prompts(distinct)
@@ -116,11 +118,8 @@ def run(params: dict, log) -> dict:
     )
     recipe = ProxyTuning(student, cfg)
     recipe.setup(codes, [r["prompt"] for r in rows])
-    history = []
-    for step in range(1, cfg.steps + 1):
-        losses = recipe.train_step()
-        history.append({"step": step, **losses})
-        log.metrics(losses, step=step)
+    checkpoints = Checkpointer(checkpoint_dir("distill", params), int(s.get("checkpoint_every", 0)))
+    history = train(recipe, cfg.steps, log, checkpoints)
     out = Path("outputs/distill")
     with atomic_dir(out) as tmp:
         recipe.save(tmp)
@@ -130,6 +129,7 @@ def run(params: dict, log) -> dict:
                 "final_loss": history[-1]["loss"] if history else None}
         atomic_write_text(tmp / "card.json", json.dumps(card, indent=2))
     write_loss_csv("outputs/distill_loss.csv", history)
+    checkpoints.clear()
     log.artifact(out / ADAPTER_DIR, "adapter")
     return {"adapter_dir": str(out / ADAPTER_DIR), "loss_csv": "outputs/distill_loss.csv"}
 

@@ -58,7 +58,7 @@ def supervisor_samples(params: dict, prompts: list[str]) -> list[Image.Image]:
     seeds = [int(params["seed"]) * 7919 + i for i in range(len(prompts))]
     return sample(pipe, prompts, seeds, int(get(params, "supervisor.sample_steps")),
                   float(get(params, "supervisor.guidance_scale")),
-                  resolution=int(get(params, "student.image_size")))
+                  resolution=int(get(params, "prepare.resolution")))
 
 
 def run(params: dict, log) -> dict:

@@ -15,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from proxytune.cache import checkpoint_dir
 from proxytune.diffusion import load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
 from proxytune.params import get, model_source
 from proxytune.prompts import CAPTION
 from proxytune.stage import stage_task
+from proxytune.training import Checkpointer, train
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -49,7 +51,10 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 class DreamBoothLoRA:
-    """setup() -> train_step() x N -> save(); no orchestration inside, so tests drive it directly."""
+    """setup() -> train_step() x N -> save(); no orchestration inside, so tests drive it directly.
+
+    `proxytune.training.train` runs the steps and checkpoints `trainable`, `optimizer` and `generator`.
+    """
 
     def __init__(self, cfg: DreamBoothConfig):
         self.cfg = cfg
@@ -78,6 +83,7 @@ class DreamBoothLoRA:
             self.class_latents = self._latent_dist(self.class_images)
             self.instance_embeds = self._embed(cfg.instance_prompt)
             self.class_embeds = self._embed(cfg.class_prompt)
+        self.trainable = self.unet
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=1e-2)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -154,11 +160,8 @@ def run(params: dict, log) -> dict:
     )
     recipe = DreamBoothLoRA(cfg)
     recipe.setup()
-    history = []
-    for step in range(1, cfg.steps + 1):
-        losses = recipe.train_step()
-        history.append({"step": step, **losses})
-        log.metrics(losses, step=step)
+    checkpoints = Checkpointer(checkpoint_dir("supervise", params), int(s.get("checkpoint_every", 0)))
+    history = train(recipe, cfg.steps, log, checkpoints)
     out = Path("outputs/supervise")
     with atomic_dir(out) as tmp:
         recipe.save(tmp)
@@ -166,6 +169,7 @@ def run(params: dict, log) -> dict:
         for i, img in enumerate(recipe.class_images):
             img.save(tmp / "class_images" / f"{i:03d}.png")
     write_loss_csv("outputs/supervise_loss.csv", history)
+    checkpoints.clear()
     log.artifact(out / LORA_FILE, "lora")
     return {"lora_dir": str(out), "loss_csv": "outputs/supervise_loss.csv"}
 

@@ -1,0 +1,77 @@
+"""The training loop both recipes share: steps, per-step logging, periodic checkpoints, exact resume.
+
+A recipe provides `train_step() -> dict of losses`, plus `trainable` (the module whose parameters with
+`requires_grad` are trained), `optimizer` and `generator` (the torch.Generator its batches come from).
+Checkpoints live outside the stage's outputs, keyed by the stage's cache key, so a run killed halfway
+resumes where it stopped when started again with the same inputs, and ends bit-identical to an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def recipe_state(recipe) -> dict:
+    return {
+        "trainable": {n: p.detach().clone() for n, p in recipe.trainable.named_parameters() if p.requires_grad},
+        "optimizer": recipe.optimizer.state_dict(),
+        "generator": recipe.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def load_recipe_state(recipe, state: dict) -> None:
+    params = dict(recipe.trainable.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+    recipe.optimizer.load_state_dict(state["optimizer"])
+    recipe.generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+
+
+class Checkpointer:
+    """Keeps the newest checkpoint of a run in `folder`, written every `every` steps (0: never)."""
+
+    def __init__(self, folder: Path, every: int):
+        self.folder, self.every = Path(folder), int(every)
+
+    def latest(self) -> dict | None:
+        files = sorted(self.folder.glob("step-*.pt"))
+        return torch.load(files[-1], map_location="cpu", weights_only=True) if files else None
+
+    def save(self, step: int, state: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        os.close(fd)
+        torch.save(state, tmp)
+        os.replace(tmp, self.folder / f"step-{step:07d}.pt")
+        for old in sorted(self.folder.glob("step-*.pt"))[:-1]:
+            old.unlink()
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def train(recipe, steps: int, log, checkpoints: Checkpointer) -> list[dict]:
+    """Run `steps` train steps (resuming from the newest checkpoint); returns the per-step loss history."""
+    history, start = [], 0
+    state = checkpoints.latest()
+    if state is not None:
+        load_recipe_state(recipe, state["recipe"])
+        history, start = state["history"], state["step"]
+    for step in range(start + 1, steps + 1):
+        losses = recipe.train_step()
+        history.append({"step": step, **losses})
+        log.metrics(losses, step=step)
+        if checkpoints.due(step):
+            checkpoints.save(step, {"recipe": recipe_state(recipe), "history": history, "step": step})
+    return history
