@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from prefect import flow
+from prefect.states import Failed
 
 import proxytune  # noqa: F401  (sets the project-local PREFECT_HOME before prefect loads)
 from proxytune.params import ProxytuneError, load_params
@@ -44,6 +45,8 @@ def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None) 
     for stage in STAGES if stages is None else [s for s in STAGES if s in stages]:
         task = TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file))
         state = task(params_file, return_state=True)
+        if state.is_failed():  # later stages read this one's outputs: stop here
+            return Failed(message=f"stage {stage} failed: {state.message}")
         results[stage] = {"outputs": state.result(), "cached": state.name == "Cached"}
     return results
 
@@ -55,11 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
-        results = pipeline(params_file=args.params, stages=args.stage)
     except ProxytuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for stage, result in results.items():
+    state = pipeline(params_file=args.params, stages=args.stage, return_state=True)
+    if state.is_failed():
+        print(f"error: {state.message}", file=sys.stderr)
+        return 2
+    for stage, result in state.result().items():
         print(f"{stage:<11} {'cached' if result['cached'] else 'ran'}")
     return 0
 

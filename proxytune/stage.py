@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
+from prefect.states import Failed
 
 from proxytune import tracking
 from proxytune.cache import outputs_current, stage_key, stage_spec, write_stamp
-from proxytune.params import get, load_params
+from proxytune.params import ProxytuneError, get, load_params
 
 RunFn = Callable[[dict, "tracking.StageLogger"], dict]
 
@@ -38,11 +39,16 @@ def stage_params(stage: str, params: dict) -> dict:
 def stage_task(stage: str, run: RunFn):
     """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked."""
 
-    def execute(params_file: str = "params.yaml") -> dict:
-        params = load_params(params_file)
-        key = stage_key(stage, params)
-        with tracking.stage_run(stage, params, stage_params(stage, params)) as log:
-            outputs = run(params, log)
+    def execute(params_file: str = "params.yaml"):
+        try:
+            params = load_params(params_file)
+            key = stage_key(stage, params)
+            with tracking.stage_run(stage, params, stage_params(stage, params)) as log:
+                outputs = run(params, log)
+        except ProxytuneError as e:
+            # Bad input, not a bug: one clear line instead of a traceback.
+            get_run_logger().error(str(e))
+            return Failed(message=str(e))
         write_stamp(stage, key)
         return outputs
 

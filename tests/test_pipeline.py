@@ -72,3 +72,15 @@ def test_cli_reports_bad_params_in_one_line(project, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: params: subject.name '../x'")
+
+
+def test_bad_input_stops_the_flow_with_one_line_and_keeps_earlier_outputs(project, capsys):
+    assert main(["--stage", "prepare"]) == 0
+    before = {p: p.read_bytes() for p in (project / "outputs/prepare").rglob("*") if p.is_file()}
+    (project / "data/demo_subject/notes.txt").write_text("not a photo")
+
+    assert main(["--stage", "prepare", "--stage", "supervise"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: stage prepare failed: data/demo_subject/notes.txt: not an image file PIL can read"
+    assert {p: p.read_bytes() for p in (project / "outputs/prepare").rglob("*") if p.is_file()} == before
+    assert not (project / "outputs/supervise").exists()
