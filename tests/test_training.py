@@ -4,9 +4,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import RecordingLogger
 from safetensors.torch import load_file
 
-from conftest import RecordingLogger
 from proxytune.cache import checkpoint_dir
 from proxytune.params import load_params
 from tasks import distill, supervise
