@@ -11,7 +11,6 @@ import sys
 from prefect import flow
 from prefect.states import Failed
 
-import proxytune  # noqa: F401  (sets the project-local PREFECT_HOME before prefect loads)
 from proxytune.params import ProxytuneError, load_params
 from proxytune.stage import is_current
 from tasks.bootstrap import bootstrap_task

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from prefect import serve
 
-import proxytune  # noqa: F401  (project-local PREFECT_HOME before prefect loads)
 from flows.pipeline import STAGES, pipeline
 
 

@@ -11,14 +11,20 @@ from pathlib import Path
 from typing import Iterator
 
 _CHUNK = 1 << 20
+_HASHES: dict[tuple, str] = {}
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Content hash, remembered per (file, size, mtime) so multi-GB weights are read once per process."""
+    st = os.stat(path)
+    memo = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if memo not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+        _HASHES[memo] = h.hexdigest()
+    return _HASHES[memo]
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import yaml
@@ -84,3 +87,12 @@ def test_bad_input_stops_the_flow_with_one_line_and_keeps_earlier_outputs(projec
     assert err[-1] == "error: stage prepare failed: data/demo_subject/notes.txt: not an image file PIL can read"
     assert {p: p.read_bytes() for p in (project / "outputs/prepare").rglob("*") if p.is_file()} == before
     assert not (project / "outputs/supervise").exists()
+
+
+def test_prefect_records_stay_inside_the_project(tmp_path):
+    """Database and cached task results default to <project>/.prefect for our entry points."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    code = ("import flows.pipeline; from prefect.settings import get_current_settings as s; "
+            "print(s().home); print(s().results.local_storage_path)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(tmp_path / ".prefect"), str(tmp_path / ".prefect" / "storage")]
