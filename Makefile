@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
+# Prefect's database and cached results live in the project, so the UI shows the demo's runs.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+PREFECT_URL ?= http://127.0.0.1:4200/api
 
 .PHONY: demo test bench install prefect-server serve mlflow-ui
 
@@ -32,7 +35,7 @@ prefect-server: $(VENV)/.installed
 	$(BIN)/prefect server start
 
 serve: $(VENV)/.installed
-	$(PY) -m flows.serve
+	PREFECT_API_URL=$(PREFECT_URL) $(PY) -m flows.serve
 
 mlflow-ui: $(VENV)/.installed
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

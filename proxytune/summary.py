@@ -17,7 +17,7 @@ def main() -> None:
     print(f"  loss curves   {root / 'outputs/supervise_loss.csv'}, {root / 'outputs/distill_loss.csv'}   (dvc plots show)")
     print(f"  adapters      {root / 'outputs/supervise/pytorch_lora_weights.safetensors'}, {root / 'outputs/distill/adapter'}")
     print(f"  MLflow store  {tracking_uri()}   (mlflow ui --backend-store-uri {tracking_uri()})")
-    print(f"  Prefect       {os.environ.get('PREFECT_HOME', root / '.prefect')}   (prefect server start, then open the UI)")
+    print(f"  Prefect       {os.environ.get('PREFECT_HOME', root / '.prefect')}   (make prefect-server, then open http://127.0.0.1:4200)")
     if metrics.is_file():
         scores = json.loads(metrics.read_text())
         print("\n  model        DINO    CLIP-I  CLIP-T")

@@ -113,9 +113,6 @@ class StageLogger:
         else:
             self._mlflow.log_artifact(str(path), artifact_path=folder)
 
-    def tags(self, values: dict[str, str]) -> None:
-        self._mlflow.set_tags(values)
-
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict, stage_params: dict) -> Iterator[StageLogger]:

@@ -43,9 +43,6 @@ class RecordingLogger:
     def artifact(self, path, folder=None):
         self.artifacts.append(str(path))
 
-    def tags(self, values):
-        pass
-
 
 def copy_project(dest: Path, overrides: dict | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
