@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ar_models.base import ARStudent, PromptBatch
+from proxytune.io import atomic_dir
 
 # -----------------------------------------------------------------------------
 # GPT
@@ -743,16 +742,9 @@ def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, ima
         encoder = T5EncoderModel(t5_config)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"checkpoint": out / "t2i.pt", "vq_checkpoint": out / "vq.pt", "text_encoder": out / "text_encoder"}
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
-        tmp = Path(tmp)
+    with atomic_dir(out) as tmp:
         torch.save({"model": gpt.state_dict()}, tmp / "t2i.pt")
         torch.save({"model": vq.state_dict()}, tmp / "vq.pt")
         encoder.save_pretrained(tmp / "text_encoder")
         tokenizer.save_pretrained(tmp / "text_encoder")
-        for path in paths.values():
-            if path.is_dir():
-                shutil.rmtree(path)
-            os.replace(tmp / path.name, path)
-    return paths
+    return {"checkpoint": out / "t2i.pt", "vq_checkpoint": out / "vq.pt", "text_encoder": out / "text_encoder"}

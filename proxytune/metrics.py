@@ -18,8 +18,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from proxytune.io import sha256_file, sha256_tree
+from proxytune.io import atomic_dir, atomic_file, sha256_file, sha256_tree
 
 TINY_CLIP_NAME = "proxytune-tiny-clip"
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # what facebook/dino-vits16's preprocessor_config ships
@@ -88,17 +86,9 @@ class EmbeddingCache:
         return load_file(path)["embedding"] if path.is_file() else None
 
     def put(self, model_id: str, key: str, embedding: torch.Tensor) -> None:
-        path = self._path(model_id, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            tensor = embedding.detach().to("cpu", torch.float32).contiguous().clone()
-            save_file({"embedding": tensor}, tmp, metadata={"model_id": model_id})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        tensor = embedding.detach().to("cpu", torch.float32).contiguous().clone()
+        with atomic_file(self._path(model_id, key)) as tmp:
+            save_file({"embedding": tensor}, str(tmp), metadata={"model_id": model_id})
 
 
 # --------------------------------------------------------------------------- embedders
@@ -295,29 +285,22 @@ def build_tiny_evaluators(out_dir: str | os.PathLike, seed: int = 0, image_size:
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"refusing to overwrite non-empty path: {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            vit_config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                   intermediate_size=192, image_size=image_size, patch_size=16)
-            ViTModel(vit_config, add_pooling_layer=False).save_pretrained(tmp / "dino")
-            ViTImageProcessor(size={"height": image_size, "width": image_size},
-                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
-                              ).save_pretrained(tmp / "dino")
+    with atomic_dir(out) as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vit_config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                               intermediate_size=192, image_size=image_size, patch_size=16)
+        ViTModel(vit_config, add_pooling_layer=False).save_pretrained(tmp / "dino")
+        ViTImageProcessor(size={"height": image_size, "width": image_size},
+                          image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+                          ).save_pretrained(tmp / "dino")
 
-            torch.manual_seed(seed)
-            clip_config = _tiny_clip_config(image_size)
-            (tmp / "clip").mkdir()
-            (tmp / "clip" / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(clip_config, indent=2))
-            state = open_clip.CLIP(**clip_config).state_dict()  # what create_model builds for it
-            save_file({k: v.contiguous() for k, v in state.items()},
-                      tmp / "clip" / "open_clip_model.safetensors")
-        os.replace(tmp, out)  # atomic; also replaces an empty existing folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        torch.manual_seed(seed)
+        clip_config = _tiny_clip_config(image_size)
+        (tmp / "clip").mkdir()
+        (tmp / "clip" / f"{TINY_CLIP_NAME}.json").write_text(json.dumps(clip_config, indent=2))
+        state = open_clip.CLIP(**clip_config).state_dict()  # what create_model builds for it
+        save_file({k: v.contiguous() for k, v in state.items()},
+                  tmp / "clip" / "open_clip_model.safetensors")
     return {
         "dino": str(out / "dino"),
         "clip_config_dir": str(out / "clip"),

@@ -8,12 +8,14 @@ uninterrupted run.
 """
 from __future__ import annotations
 
-import os
+import csv
+import io
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from proxytune.io import atomic_file, atomic_write_text
 
 
 def recipe_state(recipe) -> dict:
@@ -46,11 +48,8 @@ class Checkpointer:
         return torch.load(files[-1], map_location="cpu", weights_only=True) if files else None
 
     def save(self, step: int, state: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        torch.save(state, tmp)
-        os.replace(tmp, self.folder / f"step-{step:07d}.pt")
+        with atomic_file(self.folder / f"step-{step:07d}.pt") as tmp:
+            torch.save(state, tmp)
         for old in sorted(self.folder.glob("step-*.pt"))[:-1]:
             old.unlink()
 
@@ -75,3 +74,13 @@ def train(recipe, steps: int, log, checkpoints: Checkpointer) -> list[dict]:
         if checkpoints.due(step):
             checkpoints.save(step, {"recipe": recipe_state(recipe), "history": history, "step": step})
     return history
+
+
+def write_loss_csv(path: str | Path, history: list[dict]) -> None:
+    """The per-step losses as CSV (step first), the file `dvc plots show` reads."""
+    fields = list(history[0]) if history else ["step", "loss"]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, text.getvalue())

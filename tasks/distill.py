@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 
 from ar_models import ARStudent, PromptBatch, load_student
 from proxytune.cache import cache_dir, checkpoint_dir
-from proxytune.io import atomic_dir, atomic_write_text, read_jsonl, sha256_file
+from proxytune.images import to_tensor
+from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file
 from proxytune.params import ProxytuneError, get
 from proxytune.stage import stage_task
-from proxytune.training import Checkpointer, train
-from tasks.supervise import to_tensor, write_loss_csv
+from proxytune.training import Checkpointer, train, write_loss_csv
 
 ADAPTER_DIR = "adapter"
 
@@ -37,7 +37,8 @@ def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str) -
         with torch.inference_mode():
             codes = student.encode_images(to_tensor([Image.open(files[i]) for i in chunk]))
         for i, c in zip(chunk, codes):
-            save_file({"codes": c.contiguous()}, str(folder / f"{keys[i]}.safetensors"))
+            with atomic_file(folder / f"{keys[i]}.safetensors") as tmp:
+                save_file({"codes": c.contiguous()}, str(tmp))
     return torch.stack([load_file(str(folder / f"{k}.safetensors"))["codes"] for k in keys])
 
 

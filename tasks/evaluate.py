@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw
 
 from ar_models import load_student
 from proxytune import metrics
 from proxytune.cache import cache_dir
 from proxytune.diffusion import load_pipeline, sample
+from proxytune.images import to_pil
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
 from proxytune.params import ProxytuneError, get, local_path, model_source
 from proxytune.prompts import EVAL_PROMPTS, subject_phrase
@@ -22,11 +22,6 @@ from proxytune.stage import stage_task
 from tasks.distill import ADAPTER_DIR
 
 METRICS_FILE = Path("outputs/metrics.json")
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
 
 
 def image_grid(rows: dict[str, list[Image.Image]], cell: int) -> Image.Image:

@@ -10,18 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from proxytune.cache import checkpoint_dir
 from proxytune.diffusion import load_pipeline, sample
-from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
+from proxytune.images import to_tensor
+from proxytune.io import atomic_dir, read_jsonl
 from proxytune.params import get, model_source
 from proxytune.prompts import CAPTION
 from proxytune.stage import stage_task
-from proxytune.training import Checkpointer, train
+from proxytune.training import Checkpointer, train, write_loss_csv
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -43,11 +43,6 @@ class DreamBoothConfig:
     sample_steps: int = 25
     guidance_scale: float = 7.5
     seed: int = 0
-
-
-def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 class DreamBoothLoRA:
@@ -136,12 +131,6 @@ class DreamBoothLoRA:
         StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=layers, safe_serialization=True,
                                                   unet_lora_adapter_metadata=metadata)
         return out_dir / LORA_FILE
-
-
-def write_loss_csv(path: str | Path, history: list[dict]) -> None:
-    keys = ["step"] + [k for k in history[0] if k != "step"] if history else ["step", "loss"]
-    lines = [",".join(keys)] + [",".join(f"{row[k]:.6g}" if k != "step" else str(row[k]) for k in keys) for row in history]
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def run(params: dict, log) -> dict:

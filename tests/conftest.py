@@ -44,6 +44,15 @@ class RecordingLogger:
         self.artifacts.append(str(path))
 
 
+def assert_one_line(err: pytest.ExceptionInfo, *names: str) -> str:
+    """The error a user sees is one line and names each of `names` (file or parameter)."""
+    msg = str(err.value)
+    assert msg and "\n" not in msg, f"error message must be one line: {msg!r}"
+    for name in names:
+        assert name in msg, f"{name!r} not named in {msg!r}"
+    return msg
+
+
 def copy_project(dest: Path, overrides: dict | None = None) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:

@@ -14,11 +14,11 @@ from safetensors import safe_open
 
 import ar_models
 from ar_models.llamagen import LlamaGenStudent
+from proxytune.images import to_tensor
 from proxytune.io import read_jsonl, sha256_file
 from proxytune.params import ProxytuneError, load_params
 from tasks import distill
 from tasks.distill import tokenise_cached
-from tasks.supervise import to_tensor
 
 MANIFEST = Path("outputs/synthesize/manifest.jsonl")
 

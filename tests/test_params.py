@@ -6,18 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import assert_one_line
 
 from proxytune.params import ProxytuneError, choice, get, load_params, local_path, model_source
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def one_line(err: pytest.ExceptionInfo, *names: str) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, f"error message must be one line: {msg!r}"
-    for name in names:
-        assert name in msg, f"{name!r} not named in {msg!r}"
-    return msg
 
 
 @pytest.fixture
@@ -46,20 +39,20 @@ def test_missing_file(tmp_path):
     path = tmp_path / "nope" / "params.yaml"
     with pytest.raises(ProxytuneError) as err:
         load_params(path)
-    one_line(err, str(path))
+    assert_one_line(err, str(path))
 
 
 def test_missing_default_file_in_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ProxytuneError) as err:
         load_params()
-    one_line(err, "params.yaml")
+    assert_one_line(err, "params.yaml")
 
 
 def test_a_folder_is_not_a_params_file(tmp_path):
     with pytest.raises(ProxytuneError) as err:
         load_params(tmp_path)
-    one_line(err, str(tmp_path))
+    assert_one_line(err, str(tmp_path))
 
 
 @pytest.mark.parametrize("text", [
@@ -73,7 +66,7 @@ def test_invalid_yaml(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ProxytuneError) as err:
         load_params(path)
-    one_line(err, str(path))
+    assert_one_line(err, str(path))
 
 
 def test_not_utf8(tmp_path):
@@ -81,7 +74,7 @@ def test_not_utf8(tmp_path):
     path.write_bytes("subject:\n  name: demo\n  class_noun: caf\u00e9\n".encode("latin-1"))
     with pytest.raises(ProxytuneError) as err:
         load_params(path)
-    one_line(err, str(path))
+    assert_one_line(err, str(path))
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n", ""])
@@ -90,7 +83,7 @@ def test_non_mapping(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ProxytuneError) as err:
         load_params(path)
-    one_line(err, str(path))
+    assert_one_line(err, str(path))
 
 
 def test_missing_subject_name_names_parameter(tmp_path, repo_params):
@@ -99,7 +92,7 @@ def test_missing_subject_name_names_parameter(tmp_path, repo_params):
     path.write_text(yaml.safe_dump(repo_params))
     with pytest.raises(ProxytuneError) as err:
         load_params(path)
-    one_line(err, "subject.name")
+    assert_one_line(err, "subject.name")
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "", ".hidden", "x" * 65, "has space", "-lead"])
@@ -109,7 +102,7 @@ def test_unsafe_subject_name(tmp_path, repo_params, name):
     path.write_text(yaml.safe_dump(repo_params))
     with pytest.raises(ProxytuneError) as err:
         load_params(path)
-    one_line(err, "subject.name")
+    assert_one_line(err, "subject.name")
 
 
 @pytest.mark.parametrize("name", ["demo_toy", "Dog-2", "x" * 64, "7"])
@@ -135,7 +128,7 @@ def test_get_found():
 def test_get_missing_names_dotted_parameter(dotted):
     with pytest.raises(ProxytuneError) as err:
         get(P, dotted)
-    one_line(err, dotted)
+    assert_one_line(err, dotted)
 
 
 def test_local_path(tmp_path, monkeypatch):
@@ -147,10 +140,10 @@ def test_local_path(tmp_path, monkeypatch):
     assert local_path(params, "m.folder", "folder") == Path("models")
     with pytest.raises(ProxytuneError) as err:
         local_path(params, "m.gone", "weights file")
-    one_line(err, "m.gone", "models/gone.pt")
+    assert_one_line(err, "m.gone", "models/gone.pt")
     with pytest.raises(ProxytuneError) as err:
         local_path(params, "m.absent")
-    one_line(err, "m.absent")
+    assert_one_line(err, "m.absent")
 
 
 def test_model_source(tmp_path, monkeypatch):
@@ -174,7 +167,7 @@ def test_model_source(tmp_path, monkeypatch):
                        ("garbage", "not a model"), ("three", "a/b/c")]:
         with pytest.raises(ProxytuneError) as err:
             model_source(params, f"supervisor.{key}")
-        one_line(err, f"supervisor.{key}", value)
+        assert_one_line(err, f"supervisor.{key}", value)
 
 
 def test_choice():
@@ -182,11 +175,11 @@ def test_choice():
     assert choice(params, "student.size", {"tiny", "B", "L"}) == "B"
     with pytest.raises(ProxytuneError) as err:
         choice(params, "student.vq", {"tiny", "VQ-16"})
-    msg = one_line(err, "student.vq", "nope")
+    msg = assert_one_line(err, "student.vq", "nope")
     assert "VQ-16" in msg and "tiny" in msg  # lists what is allowed
     with pytest.raises(ProxytuneError) as err:
         choice(params, "student.missing", {"a"})
-    one_line(err, "student.missing")
+    assert_one_line(err, "student.missing")
 
 
 # ---------------------------------------------------------------- ar_models.load_student
@@ -202,22 +195,22 @@ def test_load_student_errors_name_the_parameter(project):
     bad["family"] = "nosuchfamily"
     with pytest.raises(ProxytuneError) as err:
         load_student(bad)
-    one_line(err, "student.family", "nosuchfamily")
+    assert_one_line(err, "student.family", "nosuchfamily")
 
     bad = copy.deepcopy(student)
     bad["checkpoint"] = "models/tiny/llamagen/missing.pt"
     with pytest.raises(ProxytuneError) as err:
         load_student(bad)
-    one_line(err, "student.checkpoint", "missing.pt")
+    assert_one_line(err, "student.checkpoint", "missing.pt")
 
     bad = copy.deepcopy(student)
     bad["checkpoint"] = "models/tiny/llamagen"  # a folder, not a weights file
     with pytest.raises(ProxytuneError) as err:
         load_student(bad)
-    one_line(err, "student.checkpoint")
+    assert_one_line(err, "student.checkpoint")
 
     bad = copy.deepcopy(student)
     bad["vq_checkpoint"] = "models/tiny/llamagen/missing_vq.pt"
     with pytest.raises(ProxytuneError) as err:
         load_student(bad)
-    one_line(err, "student.vq_checkpoint")
+    assert_one_line(err, "student.vq_checkpoint")

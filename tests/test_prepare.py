@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import assert_one_line
 from PIL import Image, ImageOps
 
 from proxytune.io import read_jsonl
@@ -48,14 +49,6 @@ def leftovers() -> list[str]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def assert_one_line(err: pytest.ExceptionInfo, *names: str) -> str:
-    msg = str(err.value)
-    assert msg and "\n" not in msg, f"error message must be one line: {msg!r}"
-    for name in names:
-        assert name in msg, f"{name!r} not named in {msg!r}"
-    return msg
 
 
 # ---------------------------------------------------------------- the demo subject

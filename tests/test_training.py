@@ -18,7 +18,7 @@ STAGES = {
 
 
 class Killed(Exception):
-    pass
+    """Stands in for the process dying mid-run."""
 
 
 class DiesAtStep(RecordingLogger):
