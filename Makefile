@@ -28,8 +28,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
 
+# Every bench/*_bench.py runs; each writes its figures to bench/results/<name>.json and prints them.
 bench: $(VENV)/.installed-dev
-	$(PY) bench/pipeline_bench.py
+	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
 
 prefect-server: $(VENV)/.installed
 	$(BIN)/prefect server start

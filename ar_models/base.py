@@ -1,29 +1,86 @@
 """The small interface every AR student family implements.
 
-Stages only talk to students through this, so adding a family never touches `tasks/`.
+Stages and tuning methods only talk to students through this, so adding a family never touches `tasks/`.
 Images cross the interface as float tensors in [-1, 1], shape (B, 3, H, W).
+
+What the tuning methods need from a family, and nothing more:
+- `logits` (teacher-forced image-token logits) for the next-token loss, per-token loss weights and prior
+  distillation (KL to a teacher's logits);
+- `text_embedding` / `set_text_embedding` and `tokenizer` to add identifier tokens ([V], S_i) whose input
+  embeddings are learned (Sun et al.);
+- `PromptBatch` features in the space the transformer reads, so learnable prefix vectors (ARBooth) can be
+  inserted before a prompt's tokens;
+- `parameter_groups` to select exactly which weights train (Q/K/V, cross-attention, MLP, per layer).
 """
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 @dataclass
 class PromptBatch:
-    """Text condition for a batch: encoder features and their validity mask."""
+    """Text condition for a batch: the vectors the transformer reads and their validity mask.
+
+    `padding_side` says where padded slots sit; prefix insertion keeps that layout."""
 
     features: torch.Tensor  # (B, L, D)
     mask: torch.Tensor  # (B, L) bool, True where a real token is
+    padding_side: str = "left"
+
+    def __getitem__(self, rows) -> PromptBatch:
+        return PromptBatch(self.features[rows], self.mask[rows], self.padding_side)
+
+
+def insert_prefix(cond: PromptBatch, prefix: torch.Tensor, rows: torch.Tensor | None = None) -> PromptBatch:
+    """Put `prefix` (P, D) right before the real tokens of the selected rows (all rows when None).
+
+    Left-padded batches keep their length (the prefix takes padding slots; a row with too little padding
+    loses its first tokens); right-padded batches grow by P. Differentiable in `prefix`."""
+    B, L, _ = cond.features.shape
+    P = prefix.shape[0]
+    rows = torch.ones(B, dtype=torch.bool, device=cond.features.device) if rows is None else rows
+    prefix = prefix.to(cond.features.dtype)
+    feats, masks = [], []
+    for b in range(B):
+        f, m = cond.features[b], cond.mask[b]
+        real = f[m]
+        pieces = [prefix, real] if bool(rows[b]) else [real]
+        body = torch.cat(pieces)
+        n_pad = (L if cond.padding_side == "left" else L + P) - body.shape[0]
+        if n_pad < 0:
+            body, n_pad = body[-n_pad:], 0
+        pad = f.new_zeros(n_pad, f.shape[-1])
+        valid = torch.ones(body.shape[0], dtype=torch.bool, device=m.device)
+        invalid = torch.zeros(n_pad, dtype=torch.bool, device=m.device)
+        if cond.padding_side == "left":
+            feats.append(torch.cat([pad, body])), masks.append(torch.cat([invalid, valid]))
+        else:
+            feats.append(torch.cat([body, pad])), masks.append(torch.cat([valid, invalid]))
+    return PromptBatch(torch.stack(feats), torch.stack(masks), cond.padding_side)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean CE over tokens; with `weights` (N,) or (B, N), sum(w * ce) / sum(w) (ARBooth's scale-wise loss
+    plugs in here as a per-token weight map)."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1), reduction="none")
+    ce = ce.view(tokens.shape)
+    if weights is None:
+        return ce.mean()
+    w = weights.to(ce).expand_as(ce)
+    return (ce * w).sum() / w.sum()
 
 
 class ARStudent(nn.Module, ABC):
     """An autoregressive text-to-image model plus its image tokenizer and text encoder."""
 
     image_size: int
+    tokenizer: object  # a transformers tokenizer; identifier tokens are added to it
 
     @abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -35,11 +92,23 @@ class ARStudent(nn.Module, ABC):
 
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> PromptBatch:
-        """Prompts -> the condition the transformer reads."""
+        """Prompts -> the condition the transformer reads. Differentiable w.r.t. the text embedding table when
+        grad is enabled (identifier tokens are learned through it); callers caching features use no_grad."""
 
     @abstractmethod
-    def loss(self, cond: PromptBatch, tokens: torch.Tensor, cond_dropout: float = 0.0) -> torch.Tensor:
-        """Mean next-token cross-entropy of `tokens` given `cond`."""
+    def logits(self, cond: PromptBatch, tokens: torch.Tensor, cond_dropout: float = 0.0) -> torch.Tensor:
+        """Teacher-forced logits (B, N, V) predicting each of `tokens` (B, N) given `cond` and the tokens before
+        it. With probability `cond_dropout` a row's condition is replaced by the unconditional one (CFG)."""
+
+    def loss(
+        self,
+        cond: PromptBatch,
+        tokens: torch.Tensor,
+        cond_dropout: float = 0.0,
+        token_weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy of `tokens` given `cond`, optionally weighted per token."""
+        return weighted_cross_entropy(self.logits(cond, tokens, cond_dropout), tokens, token_weights)
 
     @abstractmethod
     def generate(
@@ -50,13 +119,74 @@ class ARStudent(nn.Module, ABC):
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
+        use_cache: bool = True,
     ) -> torch.Tensor:
-        """Sample images for `prompts` with classifier-free guidance; deterministic for a seed."""
+        """Sample images for a batch of `prompts` with classifier-free guidance (one batched forward per step
+        for conditional and unconditional rows); deterministic for a seed, identical with and without cache."""
+
+    def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
+        """Like `generate`, from an already-built condition (learned prefixes, cached features)."""
+        raise NotImplementedError(f"{type(self).__name__} does not sample from a precomputed condition")
+
+    @property
+    @abstractmethod
+    def text_embedding(self) -> nn.Embedding:
+        """The input embedding table that prompt token ids index (where identifier tokens get their rows)."""
+
+    @abstractmethod
+    def set_text_embedding(self, embedding: nn.Embedding) -> None:
+        """Install a resized table (after tokens were added to `tokenizer`)."""
 
     @abstractmethod
     def parameter_groups(self) -> dict[str, list[str]]:
-        """Named groups of trainable parameter names (e.g. 'attn_qkv', 'mlp', 'layer.3')."""
+        """Names from `self.named_parameters()` per group. Every family provides these keys (empty where the
+        architecture has none): 'text_embedding', 'attn_qkv', 'attn_out', 'cross_attn', 'mlp', 'norms',
+        'output', plus 'layer.<i>' for each transformer layer."""
 
     @abstractmethod
     def lora_target_modules(self) -> list[str]:
         """Module name suffixes peft's LoRA should wrap by default."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def add_identifier_tokens(self, words: list[str], init_from: str | None = None) -> list[int]:
+        """Add `words` as single new tokens (those already present are reused) and give new rows the mean
+        embedding of `init_from`'s tokens (or of the whole table). Returns their ids in `words` order."""
+        new = [w for w in words if w not in self.tokenizer.get_vocab()]
+        if new:
+            self.tokenizer.add_tokens(new)
+        ids = self.tokenizer.convert_tokens_to_ids(words)
+        old = self.text_embedding
+        if max(ids) >= old.num_embeddings:
+            table = nn.Embedding(max(ids) + 1, old.embedding_dim, padding_idx=old.padding_idx,
+                                 device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                table.weight[: old.num_embeddings] = old.weight
+                if init_from:
+                    src = self.tokenizer(init_from, add_special_tokens=False)["input_ids"]
+                    init = old.weight[torch.tensor(src, device=old.weight.device)].mean(0)
+                else:
+                    init = old.weight.mean(0)
+                table.weight[old.num_embeddings:] = init
+            table.weight.requires_grad_(old.weight.requires_grad)
+            self.set_text_embedding(table)
+        return ids
+
+    def module_names(self, groups: list[str], every_nth_layer: int = 1) -> list[str]:
+        """Full names of the modules owning the parameters in `groups`, limited to every n-th layer (layer 0,
+        n, 2n, ...); for LoRA targets such as Sun et al.'s Q/K/V on every 1st/2nd/4th layer."""
+        table = self.parameter_groups()
+        layer_of = {name: int(k.split(".")[1]) for k, names in table.items() if k.startswith("layer.")
+                    for name in names}
+        out = []
+        for group in groups:
+            for name in table[group]:
+                layer = layer_of.get(name)
+                if layer is not None and layer % every_nth_layer:
+                    continue
+                module = re.sub(r"\.(weight|bias)$", "", name)
+                if module not in out:
+                    out.append(module)
+        return out

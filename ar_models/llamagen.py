@@ -589,6 +589,14 @@ class LlamaGenStudent(ARStudent):
     def device(self) -> torch.device:
         return self.gpt.tok_embeddings.weight.device
 
+    @property
+    def text_embedding(self) -> nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def set_text_embedding(self, embedding: nn.Embedding) -> None:
+        self.text_encoder.set_input_embeddings(embedding)
+        self.text_encoder.config.vocab_size = embedding.num_embeddings
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.vq.encode(images.to(self.device))
@@ -597,7 +605,6 @@ class LlamaGenStudent(ARStudent):
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.vq.decode_code(tokens.to(self.device)).clamp(-1, 1)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptBatch:
         """T5 features padded/truncated to cls_token_num, then left-padded as LlamaGen's t2i does: real tokens
         (EOS included) sit at the end, padded slots are zero and masked out."""
@@ -616,15 +623,14 @@ class LlamaGenStudent(ARStudent):
     def _caption(self, cond: PromptBatch) -> torch.Tensor:
         return cond.features.to(self.device, self.gpt.cls_embedding.uncond_embedding.dtype)
 
-    def loss(self, cond: PromptBatch, tokens: torch.Tensor, cond_dropout: float = 0.0) -> torch.Tensor:
-        """Next-token CE over all image codes. With probability cond_dropout a row's caption becomes the
+    def logits(self, cond: PromptBatch, tokens: torch.Tensor, cond_dropout: float = 0.0) -> torch.Tensor:
+        """Logits for every image code. With probability cond_dropout a row's caption becomes the
         unconditional embedding (its mask is kept, as in LlamaGen), which is what makes CFG work."""
         caption, T = self._caption(cond), self.gpt.config.cls_token_num
         if cond_dropout > 0:
             drop = torch.rand(caption.shape[0], device=caption.device) < cond_dropout
             caption = torch.where(drop[:, None, None], self.gpt.cls_embedding.uncond_embedding, caption)
-        logits = self.gpt(tokens[:, :-1], caption, cond.mask.to(self.device))[:, T - 1 :]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        return self.gpt(tokens[:, :-1], caption, cond.mask.to(self.device))[:, T - 1 :]
 
     @torch.no_grad()
     def sample_tokens(
@@ -676,13 +682,19 @@ class LlamaGenStudent(ARStudent):
         use_cache: bool = True,
         autocast: bool = False,
     ) -> torch.Tensor:
-        cond = self.encode_prompts(prompts)
-        tokens = self.sample_tokens(cond, cfg_scale, temperature, top_k, top_p, seed, use_cache, autocast)
-        return self.decode_tokens(tokens)
+        with torch.no_grad():
+            cond = self.encode_prompts(prompts)
+        return self.generate_from(cond, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  seed=seed, use_cache=use_cache, autocast=autocast)
+
+    def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
+        return self.decode_tokens(self.sample_tokens(cond, **sampling))
 
     def parameter_groups(self) -> dict[str, list[str]]:
-        """Groups of `self.named_parameters()` names (all under `gpt.`); also matches peft-wrapped names."""
+        """Groups of `self.named_parameters()` names (GPT weights plus the T5 token table); matches peft-wrapped
+        names too."""
         rules = {
+            "text_embedding": r"^text_encoder\.shared\.",
             "caption_embedder": r"\.cls_embedding\.",
             "tok_embeddings": r"\.tok_embeddings\.",
             "attn_qkv": r"\.attention\.wqkv\.",
@@ -692,8 +704,10 @@ class LlamaGenStudent(ARStudent):
             "output": r"\.output\.",
         }
         groups: dict[str, list[str]] = {k: [] for k in rules}
-        for name, _ in self.gpt.named_parameters():
-            full = f"gpt.{name}"
+        groups["cross_attn"] = []  # the caption is a prefix of the sequence: no cross-attention
+        for full, _ in self.named_parameters():
+            if full.startswith(("vq.", "text_encoder.")) and not full.startswith("text_encoder.shared."):
+                continue
             for group, pattern in rules.items():
                 if re.search(pattern, full):
                     groups[group].append(full)

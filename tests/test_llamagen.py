@@ -308,7 +308,10 @@ def test_parameter_groups_and_lora_targets(student, codes):
     assert all(set(g) <= names for g in groups.values())
     assert groups["attn_qkv"] == ["gpt.layers.0.attention.wqkv.weight", "gpt.layers.1.attention.wqkv.weight"]
     assert len(groups["mlp"]) == 6 and len(groups["layer.1"]) == 7
-    assert set().union(*groups.values()) == {f"gpt.{n}" for n, _ in student.gpt.named_parameters()}
+    assert set().union(*groups.values()) == {f"gpt.{n}" for n, _ in student.gpt.named_parameters()} | {
+        "text_encoder.shared.weight"}
+    assert groups["text_embedding"] == ["text_encoder.shared.weight"] and groups["cross_attn"] == []
+    assert student.module_names(["attn_qkv"], every_nth_layer=2) == ["gpt.layers.0.attention.wqkv"]
 
     gpt = GPT(student.gpt.config)
     gpt.load_state_dict(student.gpt.state_dict())
