@@ -9,25 +9,31 @@ from ar_models.base import ARStudent, PromptBatch
 # family name -> (module, class); modules load lazily so a family's heavy imports cost nothing unused.
 FAMILIES = {"llamagen": ("ar_models.llamagen", "LlamaGenStudent")}
 
-__all__ = ["ARStudent", "PromptBatch", "FAMILIES", "load_student"]
+__all__ = ["ARStudent", "PromptBatch", "FAMILIES", "load_student", "require_file"]
 
 
 def load_student(student: dict) -> ARStudent:
-    """Build the student that `params.yaml`'s `student` section names, failing on unknown names or paths."""
+    """Build the student that `params.yaml`'s `student` section names (via the family's `from_params`),
+    failing with one line that names the parameter on unknown families, missing files or bad sizes."""
     from proxytune.params import ProxytuneError
 
     family = student.get("family")
     if family not in FAMILIES:
         raise ProxytuneError(f"params: student.family: unknown model family {family!r} (known: {', '.join(FAMILIES)})")
-    for key in ("checkpoint", "vq_checkpoint"):
-        if not Path(str(student.get(key))).is_file():
-            raise ProxytuneError(f"params: student.{key}: weights file {student.get(key)!r} does not exist")
     module, cls = FAMILIES[family]
     try:
-        return getattr(import_module(module), cls).from_paths(
-            checkpoint=student["checkpoint"], vq_checkpoint=student["vq_checkpoint"],
-            text_encoder=student["text_encoder"], size=student["size"], vq_size=student["vq_size"],
-            image_size=int(student["image_size"]),
-        )
-    except (KeyError, ValueError) as e:
+        return getattr(import_module(module), cls).from_params(student)
+    except KeyError as e:
+        raise ProxytuneError(f"params: student.{e.args[0]}: required for family {family!r}") from None
+    except (ValueError, OSError) as e:
         raise ProxytuneError(f"params: student: {e}") from None
+
+
+def require_file(student: dict, key: str, folder: bool = False) -> str:
+    """The path `student[key]` names, or a one-line error naming the parameter: a weights file, or with
+    `folder` a directory (a `save_pretrained` folder)."""
+    path = str(student[key])
+    ok = Path(path).is_dir() if folder else Path(path).is_file()
+    if not ok:
+        raise FileNotFoundError(f"student.{key}: {'folder' if folder else 'weights file'} {path!r} does not exist")
+    return path

@@ -579,6 +579,17 @@ class LlamaGenStudent(ARStudent):
         return cls(load_gpt_checkpoint(checkpoint, gpt_config), load_vq_checkpoint(vq_checkpoint, vq_config),
                    encoder, tokenizer, image_size)
 
+    @classmethod
+    def from_params(cls, student: dict) -> LlamaGenStudent:
+        """`student` keys: checkpoint, vq_checkpoint, text_encoder (paths), size, vq_size, image_size."""
+        from ar_models import require_file
+
+        return cls.from_paths(
+            checkpoint=require_file(student, "checkpoint"), vq_checkpoint=require_file(student, "vq_checkpoint"),
+            text_encoder=require_file(student, "text_encoder", folder=True), size=student["size"], vq_size=student["vq_size"],
+            image_size=int(student["image_size"]),
+        )
+
     def train(self, mode: bool = True) -> LlamaGenStudent:
         super().train(mode)
         self.vq.eval()  # frozen parts never switch to training behaviour
