@@ -7,7 +7,11 @@ from pathlib import Path
 from ar_models.base import ARStudent, PromptBatch
 
 # family name -> (module, class); modules load lazily so a family's heavy imports cost nothing unused.
-FAMILIES = {"llamagen": ("ar_models.llamagen", "LlamaGenStudent")}
+FAMILIES = {
+    "llamagen": ("ar_models.llamagen", "LlamaGenStudent"),
+    "lumina_mgpt": ("ar_models.lumina_mgpt", "LuminaMGPTStudent"),
+    "janus_pro": ("ar_models.janus_pro", "JanusProStudent"),
+}
 
 __all__ = ["ARStudent", "PromptBatch", "FAMILIES", "load_student", "require_file"]
 
