@@ -151,6 +151,14 @@ class ARStudent(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for activation memory in training. Default: every transformers model inside."""
+        found = [m for m in self.modules() if hasattr(m, "gradient_checkpointing_enable")]
+        if not found:
+            raise NotImplementedError(f"{type(self).__name__} has no gradient checkpointing")
+        for m in found:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def add_identifier_tokens(self, words: list[str], init_from: str | None = None) -> list[int]:
         """Add `words` as single new tokens (those already present are reused) and give new rows the mean
         embedding of `init_from`'s tokens (or of the whole table). Returns their ids in `words` order."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ar_models.base import ARStudent, PromptBatch
 from proxytune.io import atomic_dir
@@ -210,6 +211,7 @@ class GPT(nn.Module):
             raise ValueError(f"block_size {config.block_size} is not a square number of image tokens")
         rope = precompute_rope_2d(grid_size, config.dim // config.n_head, config.rope_base, config.cls_token_num)
         self.register_buffer("freqs_cis", rope, persistent=False)  # recomputed, never read from checkpoints
+        self.gradient_checkpointing = False  # recompute each layer in backward: activations O(1 layer)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -246,7 +248,10 @@ class GPT(nn.Module):
         mask = attention_mask(prefix_mask, start_pos, end, h.device)
         rope = self.freqs_cis[start_pos:end]
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, mask, None if caches is None else caches[i], start_pos)
+            if self.gradient_checkpointing and caches is None and torch.is_grad_enabled():
+                h = checkpoint(layer, h, rope, mask, None, start_pos, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, None if caches is None else caches[i], start_pos)
         return self.output(self.norm(h)).float()
 
 
@@ -728,6 +733,9 @@ class LlamaGenStudent(ARStudent):
 
     def lora_target_modules(self) -> list[str]:
         return ["wqkv", "wo", "w1", "w2", "w3"]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.gpt.gradient_checkpointing = True
 
 
 # -----------------------------------------------------------------------------

@@ -1,29 +1,31 @@
-"""Stage `distill`: tune the AR student on the supervisor's proxies with LoRA (Proxy-Tuning).
+"""Stage `distill`: tune the AR student with the method `student.method` names (see `proxytune.tuning`).
 
-Images are tokenised once and the codes cached by (tokenizer weights, image content), so re-running with
-a different student learning rate or step count never re-encodes; prompt features come from the frozen
-text encoder once per distinct prompt.
+Training images come from `student.data`: the supervisor's proxies (Proxy-Tuning), the prepared references
+(Sun et al.), both, or augmented references (Proxy-Tuning's baseline); `student.extra_subjects` adds other
+subjects' proxy folders so one adapter learns several identifiers. Images are tokenised once and the codes
+cached by (tokenizer weights, image content), so re-runs with other tuning params never re-encode.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-from dataclasses import dataclass
+import random
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
-from ar_models import ARStudent, PromptBatch, load_student
+from ar_models import ARStudent, load_student
 from proxytune.cache import cache_dir, checkpoint_dir
-from proxytune.images import to_tensor
-from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file
+from proxytune.images import to_pil, to_tensor
+from proxytune.io import atomic_dir, atomic_file, read_jsonl, sha256_file, sha256_json
 from proxytune.params import ProxytuneError, get
 from proxytune.stage import stage_task
 from proxytune.training import Checkpointer, train, write_loss_csv
+from proxytune.tuning import METHODS, TuneConfig, TuningData, build_recipe, write_card
 
-ADAPTER_DIR = "adapter"
+DATA_SOURCES = ("proxies", "references", "proxies+references", "augmented_references")
+PROXIES, REFERENCES = Path("outputs/synthesize"), Path("outputs/prepare")
+OUT = Path("outputs/distill")
 
 
 def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str) -> torch.Tensor:
@@ -42,97 +44,143 @@ def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str) -
     return torch.stack([load_file(str(folder / f"{k}.safetensors"))["codes"] for k in keys])
 
 
-@dataclass
-class StudentTuneConfig:
-    lora_rank: int = 8
-    lora_alpha: int = 8
-    learning_rate: float = 1e-4
-    steps: int = 500
-    batch_size: int = 4
-    cond_dropout: float = 0.1
-    mixed_precision: str = "fp32"  # "bf16" autocasts matmuls; LoRA weights stay fp32
-    seed: int = 0
+def augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Proxy-Tuning's augmentation baseline: horizontal flip, rotation within ±5°, random crop of 90-100%."""
+    size = image.size
+    if rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    image = image.rotate(rng.uniform(-5, 5), resample=Image.BICUBIC, fillcolor=(255, 255, 255))
+    scale = rng.uniform(0.9, 1.0)
+    w, h = int(size[0] * scale), int(size[1] * scale)
+    left, top = rng.randint(0, size[0] - w), rng.randint(0, size[1] - h)
+    return image.crop((left, top, left + w, top + h)).resize(size, Image.BICUBIC)
 
 
-class ProxyTuning:
-    """LoRA on the student's transformer, trained with the next-token loss on (prompt, proxy codes)."""
+def augmented_references(rows: list[dict], copies: int, seed: int) -> list[tuple[Path, str]]:
+    """`copies` augmented versions of each reference, written once to the cache (content-keyed)."""
+    folder = cache_dir("augmented") / sha256_json([r["sha256"] for r in rows] + [copies, seed])[:16]
+    rng = random.Random(seed)
+    out = []
+    for r in rows:
+        source = Image.open(REFERENCES / r["file"]).convert("RGB")
+        for c in range(copies):
+            image = augment(source, rng)  # drawn even when cached, so the sequence never shifts
+            path = folder / f"{Path(r['file']).stem}-{c:03d}.png"
+            if not path.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                with atomic_file(path) as tmp:
+                    image.save(tmp, format="PNG")
+            out.append((path, r["caption"]))
+    return out
 
-    def __init__(self, student: ARStudent, cfg: StudentTuneConfig):
-        self.student, self.cfg = student, cfg
 
-    def setup(self, codes: torch.Tensor, prompts: list[str]) -> None:
-        from peft import LoraConfig, get_peft_model
+def training_images(s: dict, seed: int) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(image file, prompt) pairs for `student.data`, and the hashes of the manifests they came from."""
+    source = s.get("data", "proxies")
+    if source not in DATA_SOURCES:
+        raise ProxytuneError(f"params: student.data must be one of {', '.join(DATA_SOURCES)}, got {source!r}")
+    pairs, hashes = [], []
+    if source in ("proxies", "proxies+references"):
+        for folder in [PROXIES, *map(Path, s.get("extra_subjects") or [])]:
+            manifest = folder / "manifest.jsonl"
+            if not manifest.is_file():
+                raise ProxytuneError(f"{manifest}: no proxy manifest (student.data / student.extra_subjects)")
+            pairs += [(folder / r["file"], r["prompt"]) for r in read_jsonl(manifest)]
+            hashes.append(sha256_file(manifest))
+    refs = read_jsonl(REFERENCES / "captions.jsonl")
+    if source in ("references", "proxies+references"):
+        pairs += [(REFERENCES / r["file"], r["caption"]) for r in refs]
+        hashes.append(sha256_file(REFERENCES / "captions.jsonl"))
+    if source == "augmented_references":
+        pairs += augmented_references(refs, int(s.get("augment_copies", 8)), seed)
+        hashes.append(sha256_file(REFERENCES / "captions.jsonl"))
+    return pairs, hashes
 
-        torch.manual_seed(self.cfg.seed)
-        self.student.requires_grad_(False)
-        lora = LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.lora_alpha,
-                          target_modules=self.student.lora_target_modules())
-        self.student.gpt = get_peft_model(self.student.gpt, lora)
-        self.trainable = self.student.gpt
-        distinct = sorted(set(prompts))
-        with torch.inference_mode():
-            cond = self.student.encode_prompts(distinct)
-        index = {p: i for i, p in enumerate(distinct)}
-        rows = torch.tensor([index[p] for p in prompts])
-        self.features, self.mask = cond.features[rows].clone(), cond.mask[rows].clone()
-        self.codes = codes
-        self.params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.learning_rate, weight_decay=0.0)
-        self.generator = torch.Generator().manual_seed(self.cfg.seed)
-        self.student.gpt.train()
 
-    def _autocast(self):
-        if self.cfg.mixed_precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+def prior_samples(student: ARStudent, s: dict, prompt: str, seed: int) -> list[Path]:
+    """ARBooth's prior set: the frozen base model's own samples for the class prompt, rendered once and
+    cached by (base weights, prompt, sampling settings, seed, count)."""
+    a = s["arbooth"]
+    count = int(a["prior_images"])
+    sampling = {"cfg_scale": float(a["prior_cfg_scale"]), "top_k": int(a["prior_top_k"]),
+                "top_p": float(a["prior_top_p"]), "temperature": 1.0}
+    base = [sha256_file(s[k]) for k in ("checkpoint", "vq_checkpoint") if Path(str(s.get(k))).is_file()]
+    folder = cache_dir("prior") / sha256_json([base, s["family"], s["size"], prompt, sampling, seed, count])[:16]
+    files = [folder / f"{i:04d}.png" for i in range(count)]
+    if not all(f.is_file() for f in files):
+        folder.mkdir(parents=True, exist_ok=True)
+        for start in range(0, count, 8):
+            n = min(8, count - start)
+            with torch.inference_mode():
+                images = student.generate([prompt] * n, seed=seed * 100003 + start, **sampling)
+            for f, img in zip(files[start:start + n], to_pil(images)):
+                with atomic_file(f) as tmp:
+                    img.save(tmp, format="PNG")
+    return files
 
-    def train_step(self) -> dict[str, float]:
-        idx = torch.randint(len(self.codes), (self.cfg.batch_size,), generator=self.generator)
-        with self._autocast():
-            loss = self.student.loss(PromptBatch(self.features[idx], self.mask[idx]), self.codes[idx],
-                                     cond_dropout=self.cfg.cond_dropout)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        return {"loss": loss.item()}
 
-    def save(self, out_dir: Path) -> Path:
-        """The adapter in peft's format (`adapter_config.json` + `adapter_model.safetensors`)."""
-        self.student.gpt.save_pretrained(str(out_dir / ADAPTER_DIR))
-        return out_dir / ADAPTER_DIR
+def tune_config(s: dict, seed: int) -> TuneConfig:
+    method = s.get("method", "proxy_tuning")
+    if method not in METHODS:
+        raise ProxytuneError(f"params: student.method must be one of {', '.join(METHODS)}, got {method!r}")
+    if s.get("mixed_precision", "fp32") not in ("fp32", "bf16"):
+        raise ProxytuneError(f"params: student.mixed_precision must be 'fp32' or 'bf16', got {s['mixed_precision']!r}")
+    for key in ("steps", "batch_size", "grad_accum"):
+        if int(s.get(key, 1)) < 1:
+            raise ProxytuneError(f"params: student.{key} must be a positive integer, got {s[key]!r}")
+    two, arb = s.get("two_stage", {}), s.get("arbooth", {})
+    if two.get("stage2", "lora") not in ("lora", "qkv"):
+        raise ProxytuneError(f"params: student.two_stage.stage2 must be 'lora' or 'qkv', got {two['stage2']!r}")
+    cfg = TuneConfig(
+        method=method, steps=int(s["steps"]), batch_size=int(s["batch_size"]), grad_accum=int(s.get("grad_accum", 1)),
+        learning_rate=float(s["learning_rate"]), cond_dropout=float(s["cond_dropout"]),
+        mixed_precision=s.get("mixed_precision", "fp32"),
+        gradient_checkpointing=bool(s.get("gradient_checkpointing", False)), seed=seed,
+        lora_rank=int(s["lora_rank"]), lora_alpha=int(s["lora_alpha"]), lora_dropout=float(s.get("lora_dropout", 0)),
+        lora_groups=list(s.get("lora_groups") or []), lora_every_nth_layer=int(s.get("lora_every_nth_layer", 1)),
+    )
+    if method == "two_stage":
+        cfg.embedding_steps, cfg.embedding_lr = int(two["embedding_steps"]), float(two["embedding_lr"])
+        cfg.stage2, cfg.image_tokens = two["stage2"], bool(two["image_tokens"])
+    if method == "arbooth":
+        cfg.prefix_tokens, cfg.prior_weight = int(arb["prefix_tokens"]), float(arb["prior_weight"])
+        cfg.tune_groups, cfg.betas = list(arb["tune_groups"]), tuple(float(b) for b in arb["betas"])
+    return cfg
 
 
 def run(params: dict, log) -> dict:
-    """Tune the student on `outputs/synthesize`; write the peft adapter and a card describing it."""
+    """Tune the student; write its artifacts (adapter / identifiers / tuned weights) and a card."""
     s = params["student"]
-    if s.get("mixed_precision", "fp32") not in ("fp32", "bf16"):
-        raise ProxytuneError(f"params: student.mixed_precision must be 'fp32' or 'bf16', got {s['mixed_precision']!r}")
-    manifest = Path("outputs/synthesize/manifest.jsonl")
-    rows = read_jsonl(manifest)
+    seed = int(get(params, "seed"))
+    identifier, class_noun = get(params, "subject.identifier"), get(params, "subject.class_noun")
+    cfg = tune_config(s, seed)
+    pairs, hashes = training_images(s, seed)
     student = load_student(s)
-    codes = tokenise_cached(student, [manifest.parent / r["file"] for r in rows], s["vq_checkpoint"])
-    cfg = StudentTuneConfig(
-        lora_rank=int(s["lora_rank"]), lora_alpha=int(s["lora_alpha"]), learning_rate=float(s["learning_rate"]),
-        steps=int(s["steps"]), batch_size=int(s["batch_size"]), cond_dropout=float(s["cond_dropout"]),
-        mixed_precision=s.get("mixed_precision", "fp32"), seed=int(get(params, "seed")),
-    )
-    recipe = ProxyTuning(student, cfg)
-    recipe.setup(codes, [r["prompt"] for r in rows])
+    codes = tokenise_cached(student, [f for f, _ in pairs], s["vq_checkpoint"])
+    data = TuningData(codes=codes, prompts=[p for _, p in pairs], identifier=identifier, class_noun=class_noun)
+    if cfg.method == "arbooth" and cfg.prior_weight > 0:
+        data.prior_prompt = f"a photo of {class_noun}"
+        data.prior_codes = tokenise_cached(student, prior_samples(student, s, data.prior_prompt, seed),
+                                           s["vq_checkpoint"])
+    recipe = build_recipe(student, cfg)
+    try:
+        recipe.setup(data)
+    except ValueError as e:
+        raise ProxytuneError(f"params: student: {e}") from None
+    total = cfg.steps + (cfg.embedding_steps if cfg.method == "two_stage" else 0)
     checkpoints = Checkpointer(checkpoint_dir("distill", params), int(s.get("checkpoint_every", 0)))
-    history = train(recipe, cfg.steps, log, checkpoints)
-    out = Path("outputs/distill")
-    with atomic_dir(out) as tmp:
-        recipe.save(tmp)
-        card = {"method": "proxy-tuning", "family": s["family"], "base": {k: s[k] for k in
-                ("size", "vq_size", "checkpoint", "vq_checkpoint", "text_encoder")},
-                "params": s, "data": {"manifest_sha256": sha256_file(manifest), "num_images": len(rows)},
-                "final_loss": history[-1]["loss"] if history else None}
-        atomic_write_text(tmp / "card.json", json.dumps(card, indent=2))
+    history = train(recipe, total, log, checkpoints)
+    with atomic_dir(OUT) as tmp:
+        files = recipe.save(tmp)
+        write_card(tmp, cfg, s, files, {"identifier": identifier, "class_noun": class_noun,
+                                        "sources": s.get("data", "proxies"), "manifest_sha256": hashes,
+                                        "num_images": len(pairs)},
+                   history[-1]["loss"] if history else None)
     write_loss_csv("outputs/distill_loss.csv", history)
     checkpoints.clear()
-    log.artifact(out / ADAPTER_DIR, "adapter")
-    return {"adapter_dir": str(out / ADAPTER_DIR), "loss_csv": "outputs/distill_loss.csv"}
+    for name in files:
+        log.artifact(OUT / name, "student")
+    return {"out_dir": str(OUT), "files": files, "loss_csv": "outputs/distill_loss.csv"}
 
 
 distill_task = stage_task("distill", run)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line
 from PIL import Image
 from safetensors import safe_open
 
@@ -17,6 +18,7 @@ from ar_models.llamagen import LlamaGenStudent
 from proxytune.images import to_tensor
 from proxytune.io import read_jsonl, sha256_file
 from proxytune.params import ProxytuneError, load_params
+from proxytune.tuning import load_tuned
 from tasks import distill
 from tasks.distill import tokenise_cached
 
@@ -68,41 +70,24 @@ def test_tokenise_cached_reuses_codes(synthesized):
     assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[2:], first)
 
 
-def capture_students(monkeypatch) -> list:
-    """Keep the student `distill.run` loads, so tests can look at the trained in-memory model."""
-    students, original = [], ar_models.load_student
-
-    def load_student(section):
-        students.append(original(section))
-        return students[-1]
-
-    monkeypatch.setattr(distill, "load_student", load_student)
-    return students
-
-
-def logits(gpt, cond, codes) -> torch.Tensor:
-    gpt.eval()
-    with torch.no_grad():
-        return gpt(codes[:, :-1], cond.features, cond.mask)
-
-
-def test_run_writes_adapter_card_and_loss_that_reload(synthesized, log, monkeypatch):
+def test_run_writes_adapter_card_and_loss_that_reload(synthesized, log):
     params = load_params()
     s = params["student"]
     s["learning_rate"] = 5e-2  # large, so the adapter visibly moves the logits in a few steps
-    trained = capture_students(monkeypatch)
     result = distill.run(params, log)
 
     out = Path("outputs/distill")
     adapter = out / "adapter"
-    assert Path(result["adapter_dir"]) == adapter
+    assert result["files"] == ["adapter"] and Path(result["out_dir"]) == out
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == s["lora_rank"] and config["lora_alpha"] == s["lora_alpha"]
     card = json.loads((out / "card.json").read_text())
-    assert card["method"] == "proxy-tuning" and card["family"] == s["family"]
-    assert card["base"] == {k: s[k] for k in ("size", "vq_size", "checkpoint", "vq_checkpoint", "text_encoder")}
-    assert card["data"] == {"manifest_sha256": sha256_file(MANIFEST), "num_images": len(read_jsonl(MANIFEST))}
+    assert card["method"] == "proxy_tuning" and card["family"] == s["family"] and card["files"] == ["adapter"]
+    assert card["base"] == {k: s[k] for k in ("family", "size", "vq_size", "checkpoint", "vq_checkpoint",
+                                              "text_encoder", "image_size")}
+    assert card["data"]["manifest_sha256"] == [sha256_file(MANIFEST)]
+    assert card["data"]["num_images"] == len(read_jsonl(MANIFEST)) and card["data"]["identifier"] == "sks"
 
     with open("outputs/distill_loss.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -110,20 +95,72 @@ def test_run_writes_adapter_card_and_loss_that_reload(synthesized, log, monkeypa
     assert all(math.isfinite(float(r["loss"])) for r in rows)
     assert card["final_loss"] == pytest.approx(float(rows[-1]["loss"]), rel=1e-4)
 
-    # reload onto a fresh student: differs from the base, equals the model that was trained
-    from peft import PeftModel
-
-    fresh = ar_models.load_student(s)
+    # reloaded onto a fresh base model, the adapter changes its logits
+    tuned, base = load_tuned(out, s), ar_models.load_student(s)
     rows = read_jsonl(MANIFEST)
-    cond = fresh.encode_prompts([r["prompt"] for r in rows[:2]])
-    codes = tokenise_cached(fresh, proxy_files()[:2], s["vq_checkpoint"])
-    base = logits(fresh.gpt, cond, codes)
-    loaded = PeftModel.from_pretrained(fresh.gpt, str(adapter))
-    reloaded = logits(loaded, cond, codes)
-    (student,) = trained
-    in_memory = logits(student.gpt, cond, codes)
-    assert (reloaded - base).abs().max() > 1e-2
-    torch.testing.assert_close(reloaded, in_memory, atol=1e-5, rtol=1e-5)
+    codes = tokenise_cached(base, proxy_files()[:2], s["vq_checkpoint"])
+    with torch.no_grad():
+        prompts = [r["prompt"] for r in rows[:2]]
+        delta = tuned.student.logits(tuned.condition(prompts), codes) - base.logits(base.encode_prompts(prompts), codes)
+    assert delta.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method", ["two_stage", "arbooth"])
+def test_each_method_runs_as_the_stage_and_reloads(synthesized, log, method):
+    params = load_params()
+    s = params["student"]
+    s.update(method=method, data="references", steps=2)
+    s["two_stage"]["embedding_steps"] = 2
+    s["arbooth"]["prior_images"] = 2
+    result = distill.run(params, log)
+    card = json.loads(Path("outputs/distill/card.json").read_text())
+    assert card["method"] == method and card["data"]["num_images"] == 4  # the four prepared references
+    assert result["files"] == (["identifiers.safetensors", "adapter"] if method == "two_stage"
+                               else ["identifiers.safetensors", "tuned_weights.safetensors"])
+    images = load_tuned("outputs/distill", s).generate(["a sks toy on the beach"], seed=0)
+    assert images.shape == (1, 3, 64, 64)
+    if method == "arbooth":  # the prior samples are rendered once and then reused
+        prior = list((Path(".proxytune/cache/prior")).glob("*/*.png"))
+        assert len(prior) == 2
+        mtimes = [p.stat().st_mtime_ns for p in prior]
+        distill.run(params, log)
+        assert [p.stat().st_mtime_ns for p in prior] == mtimes
+
+
+def test_augmented_references_and_extra_subjects(synthesized, log):
+    params = load_params()
+    s = params["student"]
+    s.update(data="augmented_references", augment_copies=3, steps=1)
+    distill.run(params, log)
+    card = json.loads(Path("outputs/distill/card.json").read_text())
+    assert card["data"]["num_images"] == 4 * 3
+    augmented = sorted(Path(".proxytune/cache/augmented").glob("*/*.png"))
+    assert len(augmented) == 12 and len({sha256_file(p) for p in augmented}) == 12  # each copy differs
+
+    shutil.copytree("outputs/synthesize", "other_subject")
+    s.update(data="proxies", extra_subjects=["other_subject"])
+    distill.run(params, log)
+    card = json.loads(Path("outputs/distill/card.json").read_text())
+    assert card["data"]["num_images"] == 2 * len(read_jsonl(MANIFEST))
+
+    s["extra_subjects"] = ["nowhere"]
+    with pytest.raises(ProxytuneError) as err:
+        distill.run(params, log)
+    assert_one_line(err, "nowhere/manifest.jsonl", "student.extra_subjects")
+
+
+@pytest.mark.parametrize("key, value, rule", [
+    ("method", "dreambooth", "student.method must be one of"),
+    ("data", "web", "student.data must be one of"),
+    ("grad_accum", 0, "student.grad_accum must be a positive integer"),
+])
+def test_bad_tuning_params_are_one_line_errors(synthesized, log, key, value, rule):
+    params = load_params()
+    params["student"][key] = value
+    with pytest.raises(ProxytuneError) as err:
+        distill.run(params, log)
+    assert_one_line(err, rule)
+    assert not Path("outputs/distill").exists()
 
 
 def test_bf16_trains_with_finite_loss(synthesized, log, monkeypatch):
