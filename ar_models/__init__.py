@@ -4,6 +4,8 @@ from __future__ import annotations
 from importlib import import_module
 from pathlib import Path
 
+import torch
+
 from ar_models.base import ARStudent, PromptBatch
 
 # family name -> (module, class); modules load lazily so a family's heavy imports cost nothing unused.
@@ -25,8 +27,9 @@ def load_student(student: dict) -> ARStudent:
     if family not in FAMILIES:
         raise ProxytuneError(f"params: student.family: unknown model family {family!r} (known: {', '.join(FAMILIES)})")
     module, cls = FAMILIES[family]
+    device = resolve_device(student.get("device", "auto"))
     try:
-        return getattr(import_module(module), cls).from_params(student)
+        return getattr(import_module(module), cls).from_params(student).to(device)
     except KeyError as e:
         raise ProxytuneError(f"params: student.{e.args[0]}: required for family {family!r}") from None
     except (ValueError, OSError) as e:
@@ -41,3 +44,15 @@ def require_file(student: dict, key: str, folder: bool = False) -> str:
     if not ok:
         raise FileNotFoundError(f"student.{key}: {'folder' if folder else 'weights file'} {path!r} does not exist")
     return path
+
+
+def resolve_device(name: str) -> torch.device:
+    """`student.device`: 'auto' picks CUDA when present, else CPU; or any torch device string."""
+    from proxytune.params import ProxytuneError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ProxytuneError(f"params: student.device: {name!r} is not a torch device (or 'auto')") from None

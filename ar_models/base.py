@@ -163,6 +163,8 @@ class ARStudent(nn.Module, ABC):
         """Add `words` as single new tokens (those already present are reused) and give new rows the mean
         embedding of `init_from`'s tokens (or of the whole table). Returns their ids in `words` order."""
         new = [w for w in words if w not in self.tokenizer.get_vocab()]
+        # tokenised before the new words exist, so `init_from` can mention them ("dog" for a new "dog")
+        src = self.tokenizer(init_from, add_special_tokens=False)["input_ids"] if init_from else None
         if new:
             self.tokenizer.add_tokens(new)
         ids = self.tokenizer.convert_tokens_to_ids(words)
@@ -172,8 +174,7 @@ class ARStudent(nn.Module, ABC):
                                  device=old.weight.device, dtype=old.weight.dtype)
             with torch.no_grad():
                 table.weight[: old.num_embeddings] = old.weight
-                if init_from:
-                    src = self.tokenizer(init_from, add_special_tokens=False)["input_ids"]
+                if src:
                     init = old.weight[torch.tensor(src, device=old.weight.device)].mean(0)
                 else:
                     init = old.weight.mean(0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -115,6 +115,12 @@ class Recipe:
             return self.student.module_names(groups, self.cfg.lora_every_nth_layer)
         return self.student.lora_target_modules()
 
+    def _place(self, data: TuningData) -> TuningData:
+        """Training tensors on the student's device (batches are indexed there; the sampling RNG stays on CPU)."""
+        move = {k: getattr(data, k).to(self.student.device) for k in ("codes", "token_weights", "prior_codes")
+                if getattr(data, k) is not None}
+        return replace(data, **move)
+
     def _optimizer(self, groups: list[dict]) -> None:
         groups = [g for g in groups if g["params"]]
         self.params = [p for g in groups for p in g["params"]]
@@ -155,7 +161,7 @@ class ProxyTuning(Recipe):
 
     def setup(self, data: TuningData) -> None:
         torch.manual_seed(self.cfg.seed)
-        self.data = data
+        self.data = self._place(data)
         self.student.requires_grad_(False)
         self._add_lora(self.lora_modules())
         if self.cfg.gradient_checkpointing:
@@ -180,7 +186,7 @@ class TwoStage(Recipe):
 
     def setup(self, data: TuningData) -> None:
         torch.manual_seed(self.cfg.seed)
-        self.data = data
+        self.data = self._place(data)
         self.student.requires_grad_(False)
         n_images = len(data.codes)
         self.image_words = [f"<{data.identifier}-{i}>" for i in range(n_images)] if self.cfg.image_tokens else []
@@ -245,7 +251,7 @@ class ARBooth(Recipe):
 
     def setup(self, data: TuningData) -> None:
         torch.manual_seed(self.cfg.seed)
-        self.data = data
+        self.data = self._place(data)
         if data.prior_codes is None and self.cfg.prior_weight > 0:
             raise ValueError("arbooth with prior_weight > 0 needs the base model's class-prompt samples")
         self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval() if self.cfg.prior_weight > 0 else None

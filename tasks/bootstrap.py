@@ -1,14 +1,14 @@
 """Stage `bootstrap`: build the embedded default, so the pipeline runs with no model hub.
 
 Writes tiny random-init models in their real on-disk formats (a diffusers pipeline folder, LlamaGen's
-official checkpoint layout, transformers/open_clip evaluator weights) and the demo subject's photos.
+official checkpoint layout, Lumina-mGPT's and Janus-Pro's released folders, transformers/open_clip evaluator weights) and the demo subject's photos.
 Real runs ignore these by pointing params.yaml at real weights.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ar_models import llamagen
+from ar_models import janus_pro, llamagen, lumina_mgpt
 from proxytune import metrics
 from proxytune.demo import write_demo_subject
 from proxytune.io import atomic_dir
@@ -29,6 +29,8 @@ def run(params: dict, log) -> dict:
     with atomic_dir(MODELS) as tmp:
         build_tiny_supervisor(tmp / "supervisor", corpus, seed=seed, image_size=size)
         llamagen.build_tiny(tmp / "llamagen", corpus, seed=seed, image_size=size)
+        lumina_mgpt.build_tiny(tmp / "lumina_mgpt", corpus, seed=seed, image_size=size)
+        janus_pro.build_tiny(tmp / "janus_pro", corpus, seed=seed, image_size=size)
         metrics.build_tiny_evaluators(tmp / "evaluators", seed=seed, image_size=size)
     write_demo_subject(DEMO_SUBJECT, seed=seed)
     return {"models": str(MODELS), "demo_subject": str(DEMO_SUBJECT)}
