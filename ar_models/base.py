@@ -151,6 +151,11 @@ class ARStudent(nn.Module, ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def scale_token_weights(self, early_scales: int = 8, early: float = 1.0, late: float = 0.5) -> torch.Tensor | None:
+        """Per-token loss weights (N,) for ARBooth's scale-wise loss: `early` on the tokens of the first
+        `early_scales` scales, `late` after. Next-scale families override; raster ones have no scales (None)."""
+        return None
+
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for activation memory in training. Default: every transformers model inside."""
         found = [m for m in self.modules() if hasattr(m, "gradient_checkpointing_enable")]

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STEPS, BATCH, IMAGE = 4, 2, 256
+STEPS, BATCH, IMAGE = 3, 2, 256
 
 
 def build_student(folder: Path):

@@ -158,6 +158,8 @@ def run(params: dict, log) -> dict:
     student = load_student(s)
     codes = tokenise_cached(student, [f for f, _ in pairs], s["vq_checkpoint"])
     data = TuningData(codes=codes, prompts=[p for _, p in pairs], identifier=identifier, class_noun=class_noun)
+    if cfg.method == "arbooth":  # ARBooth's scale-wise loss; None for raster students
+        data.token_weights = student.scale_token_weights(**s["arbooth"]["scale_weights"])
     if cfg.method == "arbooth" and cfg.prior_weight > 0:
         data.prior_prompt = f"a photo of {class_noun}"
         data.prior_codes = tokenise_cached(student, prior_samples(student, s, data.prior_prompt, seed),
