@@ -6,6 +6,10 @@
 - CLIP-I: the same pairwise mean with CLIP image embeddings.
 - CLIP-T: mean cosine similarity between each generated image and its prompt (the
           prompt with the rare-token identifier removed, see `strip_identifier`).
+- PRES:   (ARBooth) DINO score of generations from the bare class prompt against the subject's
+          references: how far the subject leaked into the class (lower = less language drift).
+- DIV:    (ARBooth) mean pairwise LPIPS distance between generations of one prompt (optional: needs
+          the `lpips` package and a local backbone file, which cannot be downloaded here).
 
 Everything loads from local files in the formats the real checkpoints are published in
 (transformers `ViTModel` folder for `facebook/dino-vits16`, open_clip config + weights
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from functools import cached_property
@@ -24,7 +29,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from proxytune.io import atomic_dir, atomic_file, sha256_file, sha256_tree
@@ -65,6 +70,14 @@ def _as_rgb(images: Sequence[Image.Image]) -> list[Image.Image]:
 
 # --------------------------------------------------------------------------- cache
 
+def resize_policy(images: Sequence[Image.Image], size: int) -> list[Image.Image]:
+    """`size` 0 keeps images as they are (each evaluator's own preprocessing resizes them); otherwise a
+    centre square crop resized to size x size, so generated and real images are compared at one scale."""
+    if size <= 0:
+        return list(images)
+    return [ImageOps.fit(im, (size, size), method=Image.Resampling.LANCZOS) for im in images]
+
+
 class EmbeddingCache:
     """On-disk embedding store keyed by (model identity, image content sha256).
 
@@ -76,6 +89,8 @@ class EmbeddingCache:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.hits = 0  # lookups answered from disk / that needed a forward pass, since creation
+        self.misses = 0
 
     def _path(self, model_id: str, key: str) -> Path:
         model_dir = hashlib.sha256(model_id.encode()).hexdigest()[:32]
@@ -83,7 +98,11 @@ class EmbeddingCache:
 
     def get(self, model_id: str, key: str) -> torch.Tensor | None:
         path = self._path(model_id, key)
-        return load_file(path)["embedding"] if path.is_file() else None
+        if not path.is_file():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return load_file(path)["embedding"]
 
     def put(self, model_id: str, key: str, embedding: torch.Tensor) -> None:
         tensor = embedding.detach().to("cpu", torch.float32).contiguous().clone()
@@ -113,9 +132,13 @@ class _ImageEmbedder:
         return f"{type(self).__name__}:v{_EMBED_VERSION}:{self._identity()}"
 
     def _run(self, images: list[Image.Image], batch_size: int) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
         out = []
+        batches = range(0, len(images), batch_size)
         with torch.inference_mode():
-            for i in range(0, len(images), batch_size):
+            for i in tqdm(batches, desc=f"embed {type(self).__name__[:-8]}", unit="batch", disable=None,
+                          leave=False):
                 feats = self._forward(images[i : i + batch_size])
                 out.append(F.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out)
@@ -236,24 +259,112 @@ class ClipEmbedder(_ImageEmbedder):
 
 # --------------------------------------------------------------------------- scores
 
+def pairwise_mean(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity over all rows of `a` x rows of `b` (both L2-normalised), in float64 so
+    the result does not depend on the order of the rows."""
+    return float((a.double() @ b.double().T).mean())
+
+
+def prompt_scores(generated: Sequence[Image.Image], prompts: Sequence[str], references: Sequence[Image.Image],
+                  dino: DinoEmbedder, clip: ClipEmbedder, lpips: LpipsDistance | None = None,
+                  batch_size: int = 32) -> list[dict]:
+    """One row per distinct prompt (first-seen order): prompt, images, dino, clip_i, clip_t, and div when
+    `lpips` is given. `prompts[i]` belongs to `generated[i]` and has the identifier removed already.
+
+    Each model embeds all images in one batched (and cached) call; rows then slice the embeddings, so the
+    number of forward passes does not grow with the number of prompts."""
+    if not generated or not references:
+        raise ValueError("need at least one generated and one reference image")
+    if len(prompts) != len(generated):
+        raise ValueError(f"{len(prompts)} prompts for {len(generated)} generated images")
+    gen_d, ref_d = dino.embed_images(generated, batch_size), dino.embed_images(references, batch_size)
+    gen_c, ref_c = clip.embed_images(generated, batch_size), clip.embed_images(references, batch_size)
+    unique = list(dict.fromkeys(prompts))
+    text = clip.embed_texts(unique)
+    rows = []
+    for t, prompt in enumerate(unique):
+        idx = [i for i, p in enumerate(prompts) if p == prompt]
+        row = {"prompt": prompt, "images": len(idx), "dino": pairwise_mean(gen_d[idx], ref_d),
+               "clip_i": pairwise_mean(gen_c[idx], ref_c), "clip_t": pairwise_mean(gen_c[idx], text[t : t + 1])}
+        if lpips is not None:
+            row["div"] = lpips.mean_pairwise([generated[i] for i in idx])
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[dict]) -> dict[str, float]:
+    """Image-weighted means of per-prompt rows: equal to scoring all images at once (the papers' number)."""
+    total = sum(r["images"] for r in rows)
+    out = {}
+    for key in ("dino", "clip_i", "clip_t"):
+        out[key] = sum(r[key] * r["images"] for r in rows) / total
+    divs = [r["div"] for r in rows if not math.isnan(r.get("div", math.nan))]  # NaN: a single image
+    if divs:
+        out["div"] = sum(divs) / len(divs)
+    return out
+
+
 def dreambench_scores(generated: Sequence[Image.Image], prompts: Sequence[str],
                       references: Sequence[Image.Image], dino: DinoEmbedder,
                       clip: ClipEmbedder) -> dict[str, float]:
     """DINO, CLIP-I (mean over all generated x reference pairs) and CLIP-T (mean over
     generated images of cos(image, its prompt)). `prompts[i]` belongs to `generated[i]`
     and should already have the identifier removed (`strip_identifier`)."""
-    if not generated or not references:
-        raise ValueError("need at least one generated and one reference image")
-    if len(prompts) != len(generated):
-        raise ValueError(f"{len(prompts)} prompts for {len(generated)} generated images")
-    gen_d, ref_d = dino.embed_images(generated).double(), dino.embed_images(references).double()
-    gen_c, ref_c = clip.embed_images(generated).double(), clip.embed_images(references).double()
-    text = clip.embed_texts(prompts).double()
-    return {
-        "dino": float((gen_d @ ref_d.T).mean()),
-        "clip_i": float((gen_c @ ref_c.T).mean()),
-        "clip_t": float((gen_c * text).sum(dim=-1).mean()),
-    }
+    return summarize(prompt_scores(generated, prompts, references, dino, clip))
+
+
+def pres_score(class_images: Sequence[Image.Image], references: Sequence[Image.Image], dino: DinoEmbedder,
+               batch_size: int = 32) -> float:
+    """ARBooth's PRES: DINO similarity of bare-class-prompt generations to the subject (lower is better)."""
+    return pairwise_mean(dino.embed_images(class_images, batch_size), dino.embed_images(references, batch_size))
+
+
+class LpipsDistance:
+    """LPIPS v0.1 (the `lpips` package, whose linear heads ship inside it) on a backbone read from a local
+    torchvision checkpoint (`alexnet-owt-7be5be79.pth` for net="alex", `vgg16-397923af.pth` for "vgg"):
+    the package would otherwise download it. Only the checkpoint's `features.*` tensors are used."""
+
+    def __init__(self, backbone: str | os.PathLike, net: str = "alex", device: str = "cpu"):
+        import warnings
+
+        import lpips
+
+        self.backbone = Path(backbone)
+        if not self.backbone.is_file():
+            raise FileNotFoundError(f"LPIPS backbone weights not found: {self.backbone}")
+        with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
+            warnings.simplefilter("ignore")
+            self.model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
+        source = torch.load(self.backbone, map_location="cpu", weights_only=True)
+        target = {}
+        for key, param in self.model.net.state_dict().items():
+            _, index, leaf = key.split(".", 2)  # slice<k>.<features index>.<weight|bias>
+            src = f"features.{index}.{leaf}"
+            if src not in source:
+                raise ValueError(f"{self.backbone}: missing tensor {src} for LPIPS {net}")
+            if source[src].shape != param.shape:
+                raise ValueError(f"{self.backbone}: tensor {src} has shape {tuple(source[src].shape)}, "
+                                 f"LPIPS {net} needs {tuple(param.shape)}")
+            target[key] = source[src]
+        extra = sorted(k for k in source if k.startswith("features.") and k.split(".", 1)[1] not in
+                       {k2.split(".", 1)[1] for k2 in target})
+        if extra:
+            raise ValueError(f"{self.backbone}: unexpected tensor {extra[0]} for LPIPS {net}")
+        self.model.net.load_state_dict(target)
+        self.device = torch.device(device)
+        self.model.to(self.device).eval()
+
+    def mean_pairwise(self, images: Sequence[Image.Image]) -> float:
+        """Mean LPIPS over all unordered pairs; NaN for fewer than two images (no diversity to measure)."""
+        if len(images) < 2:
+            return float("nan")
+        from proxytune.images import to_tensor
+
+        size = images[0].size
+        x = to_tensor([im.resize(size) for im in images]).to(self.device)
+        i, j = torch.triu_indices(len(images), len(images), offset=1)
+        with torch.inference_mode():
+            return float(self.model(x[i], x[j]).double().mean())
 
 
 # --------------------------------------------------------------------------- tiny stand-ins

@@ -1,8 +1,8 @@
 """Tiny random-init stand-ins for the real models, saved in the real on-disk formats.
 
-They let the whole pipeline run offline on a CPU through the same loaders real checkpoints use:
-the supervisor is a genuine diffusers `StableDiffusionPipeline` folder (UNet, VAE, CLIP text encoder,
-a CLIP BPE tokenizer trained here on the project's prompts), only narrow.
+They let the whole pipeline run offline on a CPU through the same loaders real checkpoints use: each
+supervisor is a genuine diffusers pipeline folder (the same classes and state-dict key names as SD1.5/SD2,
+SDXL, SD3 and FLUX.1) at toy widths, with tokenizers trained here on the project's prompts.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from proxytune.io import atomic_dir
+
+FAMILIES = ("sd", "sd2", "sdxl", "sd3", "flux")
 
 
 def train_clip_tokenizer(corpus: list[str], vocab_size: int = 400):
@@ -23,37 +25,154 @@ def train_clip_tokenizer(corpus: list[str], vocab_size: int = 400):
     )
 
 
-def build_tiny_supervisor(out_dir: str | Path, corpus: list[str], seed: int = 0, image_size: int = 64) -> Path:
-    """A StableDiffusionPipeline (SD1.5 family: UNet, eps-prediction) at toy width, saved with save_pretrained."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def train_t5_tokenizer(corpus: list[str], vocab_size: int = 200, max_length: int = 32):
+    """A `T5Tokenizer` (SentencePiece-style unigram with metaspace, `</s>` appended) trained on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5Tokenizer
 
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(corpus, trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5Tokenizer(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                       extra_ids=0, model_max_length=max_length)
+
+
+def _clip_text(tokenizer, with_projection: bool, hidden: int = 32, projection: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _t5_encoder(tokenizer, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def _vae(image_size: int, flow: bool):
+    """SD-style KL autoencoder, 4x downsampling; the flow families' VAE has a shift and no quant convs."""
+    from diffusers import AutoencoderKL
+
+    extra = dict(shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False, use_post_quant_conv=False) \
+        if flow else {}
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, **extra,
+    )
+
+
+def _ddpm(prediction_type: str = "epsilon"):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         num_train_timesteps=1000, clip_sample=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def _sd(corpus, image_size, prediction_type="epsilon"):
+    """SD1.5 (eps) or SD2 (v-prediction, linear projections in the transformer blocks)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = train_clip_tokenizer(corpus)
+    text_encoder = _clip_text(tokenizer, with_projection=False)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        use_linear_projection=prediction_type == "v_prediction",
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(image_size, flow=False), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=_ddpm(prediction_type), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _sdxl(corpus, image_size):
+    """Two CLIP encoders (hidden states concatenated, pooled projection of the second) and `text_time`
+    micro-conditioning: 6 size/crop ids x 8 dims + 32 pooled dims feed the added embedding."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer, tokenizer_2 = train_clip_tokenizer(corpus), train_clip_tokenizer(corpus)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=(2, 4), use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        transformer_layers_per_block=(1, 2), cross_attention_dim=64,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(image_size, flow=False), text_encoder=_clip_text(tokenizer, False), tokenizer=tokenizer,
+        text_encoder_2=_clip_text(tokenizer_2, True), tokenizer_2=tokenizer_2, unet=unet, scheduler=_ddpm(),
+    )
+
+
+def _sd3(corpus, image_size):
+    """MMDiT with CLIP-L + CLIP-G (hidden 32 each, concatenated to the 64-dim joint width) and no T5,
+    which SD3 allows (`text_encoder_3=None` feeds zeros in its place)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = train_clip_tokenizer(corpus), train_clip_tokenizer(corpus)
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+        pooled_projection_dim=64, pos_embed_max_size=32,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(image_size, True),
+        text_encoder=_clip_text(tokenizer, True), tokenizer=tokenizer,
+        text_encoder_2=_clip_text(tokenizer_2, True), tokenizer_2=tokenizer_2, text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def _flux(corpus, image_size):
+    """FLUX.1-dev layout: CLIP pooled + T5 sequence, packed 2x2 latents, RoPE axes summing to the head dim,
+    and the distilled-guidance embedding."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = train_clip_tokenizer(corpus), train_t5_tokenizer(corpus)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler, vae=_vae(image_size, True), text_encoder=_clip_text(tokenizer, False),
+        tokenizer=tokenizer, text_encoder_2=_t5_encoder(tokenizer_2), tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def build_tiny_pipeline(family: str, out_dir: str | Path, corpus: list[str], seed: int = 0,
+                        image_size: int = 64) -> Path:
+    """A tiny `family` supervisor (one of FAMILIES) built with a fixed seed and saved with save_pretrained."""
+    builders = {"sd": _sd, "sd2": lambda c, s: _sd(c, s, "v_prediction"), "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}
+    if family not in builders:
+        raise ValueError(f"unknown tiny supervisor family {family!r} (known: {', '.join(FAMILIES)})")
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        tokenizer = train_clip_tokenizer(corpus)
         torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
-        )
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        )
-        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                  num_train_timesteps=1000, clip_sample=False, steps_offset=1)
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        builders[family](corpus, image_size).save_pretrained(str(tmp), safe_serialization=True)
     return out_dir
+
+
+def build_tiny_supervisor(out_dir: str | Path, corpus: list[str], seed: int = 0, image_size: int = 64) -> Path:
+    """The embedded default supervisor: a StableDiffusionPipeline (SD1.5 family: UNet, eps-prediction)."""
+    return build_tiny_pipeline("sd", out_dir, corpus, seed=seed, image_size=image_size)

@@ -25,7 +25,8 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
-def _setup():
+def setup():
+    """(mlflow, client, experiment id) for the project's store, creating the experiment on first use."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
@@ -116,7 +117,7 @@ class StageLogger:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict, stage_params: dict) -> Iterator[StageLogger]:
-    mlflow, client, exp_id = _setup()
+    mlflow, client, exp_id = setup()
     parent = _open_parent(mlflow, client, exp_id, params)
     tags = {"stage": stage, "git.commit": _git_commit(), "prefect.flow_run_id": _prefect_flow_run_id(),
             **_dvc_data_hashes()}

@@ -1,7 +1,7 @@
 """The training loop both recipes share: steps, per-step logging, periodic checkpoints, exact resume.
 
 A recipe provides `train_step() -> dict of losses`, plus `trainable` (the module whose parameters with
-`requires_grad` are trained), `optimizer` and `generator` (the torch.Generator its batches come from).
+`requires_grad` are trained), `optimizer`, `generator` (the torch.Generator its batches come from) and, for fp16, `scaler`.
 Checkpoints live outside the stage's outputs, keyed by the stage's cache key, so a run killed halfway
 resumes where it stopped when started again with the same inputs, and ends bit-identical to an
 uninterrupted run.
@@ -24,6 +24,8 @@ def recipe_state(recipe) -> dict:
         "optimizer": recipe.optimizer.state_dict(),
         "generator": recipe.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
+        # fp16 recipes carry a GradScaler whose scale must resume too, or the run is not bit-exact
+        **({"scaler": recipe.scaler.state_dict()} if getattr(recipe, "scaler", None) is not None else {}),
     }
 
 
@@ -35,6 +37,8 @@ def load_recipe_state(recipe, state: dict) -> None:
     recipe.optimizer.load_state_dict(state["optimizer"])
     recipe.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
+    if "scaler" in state:
+        recipe.scaler.load_state_dict(state["scaler"])
 
 
 class Checkpointer:

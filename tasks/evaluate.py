@@ -1,50 +1,70 @@
-"""Stage `evaluate`: student and supervisor draw held-out prompts; DreamBench metrics score them.
+"""Stage `evaluate`: student and supervisor draw the evaluation prompts; DreamBench metrics score them.
 
 DINO and CLIP-I compare generations with the prepared references; CLIP-T compares each generation with
-its prompt minus the identifier. The student-minus-supervisor delta is Proxy-Tuning's weak-to-strong effect.
+its prompt minus the identifier; PRES and DIV (ARBooth) are measured where asked for and possible. The
+student-minus-supervisor delta is Proxy-Tuning's weak-to-strong effect. Besides `outputs/metrics.json`
+it writes the per-prompt table the multi-subject benchmark aggregates (`flows/benchmark.py`).
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import pandas as pd
+from PIL import Image
 
-from ar_models import load_student
-from proxytune import metrics
+from proxytune import metrics, reports
 from proxytune.cache import cache_dir
 from proxytune.diffusion import load_pipeline, sample
 from proxytune.images import to_pil
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
 from proxytune.params import ProxytuneError, get, local_path, model_source
-from proxytune.prompts import EVAL_PROMPTS, subject_phrase
+from proxytune.prompts import EVAL_PROMPTS
 from proxytune.stage import stage_task
-from tasks.distill import ADAPTER_DIR
+from proxytune.tuning import load_tuned
 
 METRICS_FILE = Path("outputs/metrics.json")
+OUT = Path("outputs/evaluate")
+TABLE_FILE = "scores.csv"
+CACHE_STATS_FILE = "embedding_cache.json"
+HELDOUT = [t.format("{0} {1}") for t in EVAL_PROMPTS]  # the project's held-out prompts as DreamBench templates
 
 
-def image_grid(rows: dict[str, list[Image.Image]], cell: int) -> Image.Image:
-    """One labelled row per source (references | supervisor | student)."""
-    label_w, cols = 80, max(len(r) for r in rows.values())
-    grid = Image.new("RGB", (label_w + cols * cell, len(rows) * cell), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (label, images) in enumerate(rows.items()):
-        draw.text((4, r * cell + cell // 2 - 5), label, fill="black")
-        for c, img in enumerate(images):
-            grid.paste(img.convert("RGB").resize((cell, cell)), (label_w + c * cell, r * cell))
-    return grid
+def _int(params: dict, dotted: str, low: int) -> int:
+    value = get(params, dotted)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ProxytuneError(f"params: {dotted} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def eval_prompts(params: dict) -> list[str]:
+    """The prompts both models draw: `evaluate.prompts` is `heldout` or a list of DreamBench templates
+    (`{0}` the identifier, `{1}` the class noun), cut to the first `evaluate.prompts_per_model` (0: all)."""
+    spec = get(params, "evaluate.prompts")
+    if spec == "heldout":
+        templates = HELDOUT
+    elif isinstance(spec, list) and spec and all(isinstance(t, str) and "{0}" in t and "{1}" in t for t in spec):
+        templates = spec
+    else:
+        raise ProxytuneError("params: evaluate.prompts must be 'heldout' or a non-empty list of templates "
+                             "each containing {0} (identifier) and {1} (class noun)")
+    count = _int(params, "evaluate.prompts_per_model", 0)
+    templates = templates[:count] if count else templates
+    return [t.format(get(params, "subject.identifier"), get(params, "subject.class_noun")) for t in templates]
+
+
+def class_prompt(params: dict) -> str:
+    """The bare class prompt PRES draws (the one the student's prior-preservation data uses)."""
+    return f"a photo of {get(params, 'subject.class_noun')}"
 
 
 def student_samples(params: dict, prompts: list[str]) -> list[Image.Image]:
-    from peft import PeftModel
-
+    """The tuned student (base weights + `outputs/distill`'s artifacts, whatever the method) draws `prompts`."""
     e = params["evaluate"]
-    student = load_student(params["student"])
-    student.gpt = PeftModel.from_pretrained(student.gpt, str(Path("outputs/distill") / ADAPTER_DIR))
-    student.eval()
-    images = student.generate(prompts, cfg_scale=float(e["cfg_scale"]), temperature=float(e["temperature"]),
-                              top_k=int(e["top_k"]), top_p=float(e["top_p"]), seed=int(params["seed"]))
+    tuned = load_tuned("outputs/distill", params["student"])
+    images = tuned.generate(prompts, cfg_scale=float(e["cfg_scale"]), temperature=float(e["temperature"]),
+                            top_k=int(e["top_k"]), top_p=float(e["top_p"]), seed=int(params["seed"]))
     return to_pil(images)
 
 
@@ -56,42 +76,90 @@ def supervisor_samples(params: dict, prompts: list[str]) -> list[Image.Image]:
                   resolution=int(get(params, "prepare.resolution")))
 
 
-def run(params: dict, log) -> dict:
-    """Write `outputs/metrics.json`, `outputs/evaluate/grid.png` and the generated samples."""
+def load_evaluators(params: dict, notes: list[str]) -> tuple[metrics.EmbeddingCache, metrics.DinoEmbedder,
+                                                             metrics.ClipEmbedder, metrics.LpipsDistance | None]:
+    """DINO and CLIP (required) and LPIPS (optional: DIV is skipped, with a line in `notes`, when it cannot
+    load, since its backbone weights are often unavailable offline)."""
     e = params["evaluate"]
-    identifier = get(params, "subject.identifier")
-    phrase = subject_phrase(identifier, get(params, "subject.class_noun"))
-    prompts = [t.format(phrase) for t in EVAL_PROMPTS[: int(e["prompts_per_model"])]]
     cache = metrics.EmbeddingCache(cache_dir("embeddings"))
     dino = metrics.DinoEmbedder(local_path(params, "evaluate.dino", "DINO model folder"), cache=cache)
     try:
-        clip = metrics.ClipEmbedder(e["clip_model"], e["clip_pretrained"], config_dir=e.get("clip_config_dir"),
-                                    cache=cache)
-    except FileNotFoundError as err:
-        raise ProxytuneError(f"params: evaluate.clip_pretrained / clip_config_dir: {err}") from None
+        clip = metrics.ClipEmbedder(e["clip_model"], e["clip_pretrained"], config_dir=e.get("clip_config_dir") or None,
+                                    cache=cache, force_quick_gelu=bool(e["clip_quick_gelu"]))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ProxytuneError(f"params: evaluate.clip_model / clip_pretrained / clip_config_dir: {err}") from None
+    lpips = None
+    if not e["lpips_backbone"]:
+        notes.append("DIV skipped: evaluate.lpips_backbone is empty (LPIPS needs a local backbone checkpoint)")
+    else:
+        try:
+            lpips = metrics.LpipsDistance(e["lpips_backbone"], net=e["lpips_net"])
+        except ImportError:
+            notes.append("DIV skipped: the lpips package is not installed")
+        except FileNotFoundError as err:
+            notes.append(f"DIV skipped: evaluate.lpips_backbone: {err}")
+        except ValueError as err:
+            raise ProxytuneError(f"params: evaluate.lpips_backbone: {err}") from None
+    return cache, dino, clip, lpips
+
+
+def run(params: dict, log) -> dict:
+    """Write `outputs/metrics.json`, `outputs/evaluate/{scores.csv,grid.png}` and the generated samples."""
+    notes: list[str] = []
+    identifier = get(params, "subject.identifier")
+    prompts = eval_prompts(params)
+    per_prompt = _int(params, "evaluate.images_per_prompt", 1)
+    pres_images = _int(params, "evaluate.pres_images", 0)
+    resize = _int(params, "evaluate.resize", 0)
+    batch = _int(params, "evaluate.embed_batch_size", 1)
+    cache, dino, clip, lpips = load_evaluators(params, notes)
     prepared = Path("outputs/prepare")
     references = [Image.open(prepared / r["file"]).convert("RGB") for r in read_jsonl(prepared / "captions.jsonl")]
-    generated = {"supervisor": supervisor_samples(params, prompts), "student": student_samples(params, prompts)}
-    clean = [metrics.strip_identifier(p, identifier) for p in prompts]
-    scores = {name: metrics.dreambench_scores(images, clean, references, dino, clip)
-              for name, images in generated.items()}
-    scores["delta_student_minus_supervisor"] = {
-        k: scores["student"][k] - scores["supervisor"][k] for k in scores["student"]}
-    out = Path("outputs/evaluate")
-    with atomic_dir(out) as tmp:
+    drawn = [p for p in prompts for _ in range(per_prompt)]
+    asked = drawn + [class_prompt(params)] * pres_images
+    generated = {"supervisor": supervisor_samples(params, asked), "student": student_samples(params, asked)}
+
+    refs = metrics.resize_policy(references, resize)
+    clean = [metrics.strip_identifier(p, identifier) for p in drawn]
+    rows, summary = [], {}
+    for method, images in generated.items():
+        scored = metrics.prompt_scores(metrics.resize_policy(images[: len(drawn)], resize), clean, refs,
+                                       dino, clip, lpips, batch)
+        for prompt, row in zip(prompts, scored):
+            rows.append({"subject": get(params, "subject.name"), "class_noun": get(params, "subject.class_noun"),
+                         "method": method, "prompt": prompt, "clip_text": row.pop("prompt"), **row})
+        summary[method] = metrics.summarize(scored)
+        if pres_images:
+            summary[method]["pres"] = metrics.pres_score(
+                metrics.resize_policy(images[len(drawn):], resize), refs, dino, batch)
+    if not pres_images:
+        notes.append("PRES skipped: evaluate.pres_images is 0")
+    summary["delta_student_minus_supervisor"] = {k: summary["student"][k] - summary["supervisor"][k]
+                                                 for k in summary["student"]}
+    stats = {"hits": cache.hits, "misses": cache.misses}
+
+    cell = int(get(params, "prepare.resolution"))
+    with atomic_dir(OUT) as tmp:
         for name, images in generated.items():
             (tmp / name).mkdir()
             for i, img in enumerate(images):
                 img.save(tmp / name / f"{i:03d}.png")
-        atomic_write_text(tmp / "prompts.json", json.dumps(prompts, indent=2))
-        image_grid({"references": references, **generated}, cell=int(get(params, "prepare.resolution"))
-                   ).save(tmp / "grid.png")
-    atomic_write_text(METRICS_FILE, json.dumps(scores, indent=2, sort_keys=True))
+        atomic_write_text(tmp / "prompts.json", json.dumps(asked, indent=2))
+        pd.DataFrame(rows).to_csv(tmp / TABLE_FILE, index=False)
+        atomic_write_text(tmp / CACHE_STATS_FILE, json.dumps(stats))
+        atomic_write_text(tmp / "notes.txt", "".join(f"{n}\n" for n in notes))
+        firsts = {name: images[: len(drawn) : per_prompt] for name, images in generated.items()}
+        reports.image_grid({"references": references, **firsts}, cell=cell).save(tmp / "grid.png")
+    atomic_write_text(METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True))
+    for note in notes:
+        logging.getLogger(__name__).warning(note)
     for name in ("student", "supervisor"):
-        log.metrics({f"{name}.{k}": v for k, v in scores[name].items()})
-    log.artifact(out / "grid.png", "grids")
+        log.metrics({f"{name}.{k}": v for k, v in summary[name].items()})
+    log.metrics({f"embedding_cache.{k}": v for k, v in stats.items()})
+    log.artifact(OUT / "grid.png", "grids")
+    log.artifact(OUT / TABLE_FILE, "tables")
     log.artifact(METRICS_FILE)
-    return {"metrics": str(METRICS_FILE), "grid": str(out / "grid.png")}
+    return {"metrics": str(METRICS_FILE), "grid": str(OUT / "grid.png"), "table": str(OUT / TABLE_FILE)}
 
 
 evaluate_task = stage_task("evaluate", run)

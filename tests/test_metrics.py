@@ -170,3 +170,96 @@ def test_strip_identifier():
     assert strip_identifier("a photo of sks dog", "sks") == "a photo of dog"
     assert strip_identifier("sks  dog,  sks", "sks") == "dog,"
     assert strip_identifier("a tasks list", "sks") == "a tasks list"  # only whole tokens
+
+
+def test_prompt_scores_ignore_order_and_match_scoring_all_at_once(dino, clip):
+    from proxytune.metrics import prompt_scores, summarize
+
+    generated = [_noise(10 + i) for i in range(6)]
+    prompts = ["a dog on the beach", "a dog in the snow", "a red dog"] * 2
+    references = [_noise(20), _noise(21, size=(64, 64))]
+    rows = prompt_scores(generated, prompts, references, dino, clip, batch_size=4)
+    assert [r["prompt"] for r in rows] == prompts[:3] and all(r["images"] == 2 for r in rows)
+
+    order = [5, 2, 0, 4, 1, 3]
+    shuffled = prompt_scores([generated[i] for i in order], [prompts[i] for i in order],
+                             references[::-1], dino, clip, batch_size=1)
+    by_prompt = {r["prompt"]: r for r in shuffled}
+    for row in rows:
+        for key in ("dino", "clip_i", "clip_t"):
+            assert by_prompt[row["prompt"]][key] == pytest.approx(row[key], abs=1e-6), key
+    whole = dreambench_scores(generated, prompts, references, dino, clip)
+    for key, value in summarize(rows).items():
+        assert whole[key] == pytest.approx(value, abs=1e-9)
+
+    # CLIP-T of one prompt group, written differently: per-image dot products averaged by hand.
+    img = clip.embed_images([generated[0], generated[3]])
+    txt = clip.embed_texts(["a dog on the beach"])[0]
+    assert rows[0]["clip_t"] == pytest.approx(sum(float(e @ txt) for e in img) / 2, abs=1e-6)
+
+
+def test_cache_counts_hits_and_misses_across_batches(tiny, tmp_path):
+    cache = EmbeddingCache(tmp_path / "cache")
+    embedder = DinoEmbedder(tiny["dino"], cache=cache)
+    images = [_noise(30 + i) for i in range(7)]
+    first = embedder.embed_images(images, batch_size=3)
+    assert (cache.hits, cache.misses) == (0, 7)
+    again = DinoEmbedder(tiny["dino"], cache=EmbeddingCache(tmp_path / "cache"))  # a new process, same disk
+    torch.testing.assert_close(again.embed_images(images[::-1], batch_size=2), first.flip(0))
+    assert (again.cache.hits, again.cache.misses) == (7, 0)
+
+
+@pytest.fixture(scope="module")
+def alexnet_features(tmp_path_factory) -> Path:
+    """A random-init torchvision AlexNet checkpoint in the real format (features only: the classifier is big)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lpips") / "alexnet.pth"
+    torch.save({k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")},
+               path)
+    return path
+
+
+def test_lpips_loads_a_local_backbone_and_scores_diversity(alexnet_features, tmp_path):
+    pytest.importorskip("lpips")
+    import lpips as lpips_pkg
+    import torchvision
+
+    from proxytune.images import to_tensor
+    from proxytune.metrics import LpipsDistance
+
+    ours = LpipsDistance(alexnet_features)
+    a, b, c = _noise(40, (64, 64)), _noise(41, (64, 64)), Image.new("RGB", (64, 64), (9, 120, 40))
+    assert ours.mean_pairwise([a, a, a]) == pytest.approx(0.0, abs=1e-7)
+    assert ours.mean_pairwise([a]) != ours.mean_pairwise([a])  # NaN: one image has no diversity
+
+    # Independent: the package's own model with torchvision's AlexNet features loaded module by module.
+    ref = lpips_pkg.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    features = torchvision.models.alexnet().features
+    features.load_state_dict({k[len("features."):]: v for k, v in torch.load(alexnet_features).items()})
+    for sl in (ref.net.slice1, ref.net.slice2, ref.net.slice3, ref.net.slice4, ref.net.slice5):
+        for name, module in sl.named_children():
+            module.load_state_dict(features[int(name)].state_dict())
+    x = to_tensor([a, b, c])
+    with torch.no_grad():
+        expected = (ref(x[0:1], x[1:2]) + ref(x[0:1], x[2:3]) + ref(x[1:2], x[2:3])).item() / 3
+    assert ours.mean_pairwise([a, b, c]) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0
+
+    broken = tmp_path / "broken.pth"
+    state = torch.load(alexnet_features)
+    del state["features.3.weight"]
+    torch.save(state, broken)
+    with pytest.raises(ValueError, match=r"broken\.pth: missing tensor features\.3\.weight"):
+        LpipsDistance(broken)
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        LpipsDistance(tmp_path / "nope.pth")
+
+
+def test_resize_policy():
+    from proxytune.metrics import resize_policy
+
+    images = [_noise(50, (80, 96)), _noise(51, (64, 64))]
+    assert resize_policy(images, 0) == images
+    assert [im.size for im in resize_policy(images, 32)] == [(32, 32), (32, 32)]

@@ -1,20 +1,24 @@
-"""Stage `supervise`: the DreamBooth-LoRA recipe driven step by step, and the stage's files reloaded by diffusers."""
+"""Stage `supervise`: the DreamBooth-LoRA recipe on the embedded SD1.5 supervisor, and the stage's files
+reloaded by diffusers (every other family: tests/test_diffusion_families.py)."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import assert_one_line
 from PIL import Image
 from safetensors import safe_open
 
 from proxytune.diffusion import load_pipeline, sample
-from proxytune.params import load_params
+from proxytune.dreambooth import DENOISER_TARGETS, KOHYA_FILE, LORA_FILE, DreamBoothConfig, DreamBoothLoRA
+from proxytune.params import ProxytuneError, load_params
 from tasks import prepare, supervise
-from tasks.supervise import LORA_FILE, DreamBoothConfig, DreamBoothLoRA
 
 MODEL = "models/tiny/supervisor"
 
@@ -24,7 +28,7 @@ def recipe_config(**overrides) -> DreamBoothConfig:
     values = dict(model=MODEL, instance_images=sorted(Path("outputs/prepare/instance").glob("*.png")),
                   instance_prompt="a photo of sks toy", class_prompt="a photo of toy", lora_rank=4, lora_alpha=4,
                   learning_rate=1e-3, steps=2, batch_size=1, prior_loss_weight=1.0, num_class_images=2,
-                  sample_steps=2, guidance_scale=5.0, seed=0)
+                  class_batch_size=2, sample_steps=2, guidance_scale=5.0, seed=0)
     return DreamBoothConfig(**{**values, **overrides})
 
 
@@ -35,66 +39,60 @@ def prepared(project, log):
     return project
 
 
-def lora_state(unet) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
+def lora_state(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if "lora_" in n}
 
 
 def test_setup_trains_only_lora_and_steps_update_it(prepared):
     recipe = DreamBoothLoRA(recipe_config())
     recipe.setup()
+    unet = recipe.denoiser
+    assert unet is recipe.pipe.unet
 
-    trainable = [n for n, p in recipe.unet.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     # every targeted projection carries an adapter, and nothing else of the UNet trains
-    adapted = [n for n, m in recipe.unet.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
-    assert adapted and all(n.endswith(tuple(supervise.LORA_TARGETS)) for n in adapted)
+    adapted = [n for n, m in unet.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    assert adapted and all(n.endswith(tuple(DENOISER_TARGETS["sd"])) for n in adapted)
     assert len(trainable) == 2 * len(adapted)
-    base = {n: p.detach().clone() for n, p in recipe.unet.named_parameters() if "lora_" not in n}
-    assert base and not any(p.requires_grad for n, p in recipe.unet.named_parameters() if "lora_" not in n)
+    base = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" not in n}
     for frozen in (recipe.pipe.vae, recipe.pipe.text_encoder):
         assert not any(p.requires_grad for p in frozen.parameters())
-    assert sum(p.numel() for p in recipe.params) == sum(p.numel() for n, p in recipe.unet.named_parameters()
-                                                        if p.requires_grad) > 0
+    assert sum(p.numel() for p in recipe.params) == len(torch.nn.utils.parameters_to_vector(recipe.params))
+    assert {id(p) for p in recipe.params} == {id(p) for p in unet.parameters() if p.requires_grad}
 
-    before = lora_state(recipe.unet)
+    before = lora_state(unet)
     for _ in range(2):
         losses = recipe.train_step()
         assert set(losses) == {"loss", "instance_loss", "prior_loss"}
-        assert all(math.isfinite(v) for v in losses.values())
-        assert losses["instance_loss"] > 0 and losses["prior_loss"] > 0
-    after = lora_state(recipe.unet)
+        assert all(math.isfinite(v) for v in losses.values()) and losses["prior_loss"] > 0
+    after = lora_state(unet)
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
     assert any(not torch.equal(before[n], after[n]) for n in before if "lora_A" in n)
-    for n, p in recipe.unet.named_parameters():
+    for n, p in unet.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base[n]), f"frozen UNet weight {n} changed"
 
 
-def test_prior_loss_is_on_base_model_class_images(prepared):
-    cfg = recipe_config(prior_loss_weight=1.0)
-    with_prior, without_prior = DreamBoothLoRA(cfg), DreamBoothLoRA(recipe_config(prior_loss_weight=0.0))
-    with_prior.setup()
-    without_prior.setup()
-
-    # the class images are what the untouched base model renders for the class prompt
-    assert len(with_prior.class_images) == cfg.num_class_images
-    base = sample(load_pipeline(MODEL), [cfg.class_prompt] * cfg.num_class_images,
-                  [cfg.seed * 100_000 + i for i in range(cfg.num_class_images)], cfg.sample_steps,
-                  cfg.guidance_scale, resolution=64)
-    for got, want in zip(with_prior.class_images, base):
+def test_class_images_are_the_base_models_cached_and_only_missing_ones_rendered(prepared):
+    cfg = recipe_config(num_class_images=2)
+    first = DreamBoothLoRA(cfg)
+    first.setup()
+    assert first.class_images_rendered == 2 and len(first.class_images) == 2
+    # what the untouched base model renders for the class prompt, in batches of class_batch_size
+    base = sample(load_pipeline(MODEL), [cfg.class_prompt] * 2, [0, 1], cfg.sample_steps, cfg.guidance_scale,
+                  resolution=64, batch_size=cfg.class_batch_size)
+    for got, want in zip(first.class_images, base):
         assert np.array_equal(np.asarray(got), np.asarray(want))
-    assert with_prior.class_latents[0].shape[0] == cfg.num_class_images
 
-    # same seed: same draws, so only the weight of the prior term differs
-    a, b = with_prior.train_step(), without_prior.train_step()
-    assert a["instance_loss"] == pytest.approx(b["instance_loss"], rel=1e-6)
-    assert a["prior_loss"] == pytest.approx(b["prior_loss"], rel=1e-6) and a["prior_loss"] > 0
-    assert a["loss"] == pytest.approx(a["instance_loss"] + a["prior_loss"], rel=1e-5)
-    assert b["loss"] == pytest.approx(b["instance_loss"], rel=1e-6)
-    assert a["loss"] != pytest.approx(b["loss"], rel=1e-3)
-    # and the prior term reaches the gradients, not just the reported number
-    wa, wb = lora_state(with_prior.unet), lora_state(without_prior.unet)
-    assert any(not torch.allclose(wa[n], wb[n]) for n in wa)
+    again = DreamBoothLoRA(recipe_config(num_class_images=3))
+    again.setup()
+    assert again.class_images_rendered == 1  # the two cached ones are reused
+    for got, want in zip(again.class_images[:2], base):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    other = DreamBoothLoRA(recipe_config(num_class_images=1, class_prompt="a photo of cup"))
+    other.setup()
+    assert other.class_images_rendered == 1  # a different class prompt is a different cache entry
 
 
 class Recorded(DreamBoothLoRA):
@@ -108,13 +106,21 @@ class Recorded(DreamBoothLoRA):
 def test_run_writes_diffusers_lora_that_reloads(project, log, monkeypatch):
     params = load_params()
     # alpha != rank: the saved file must carry the scaling; large lr so the LoRA visibly changes images
-    params["supervisor"].update(lora_rank=4, lora_alpha=8, learning_rate=2e-2)
+    params["supervisor"].update(lora_rank=4, lora_alpha=8, learning_rate=2e-2, validation_every=2,
+                                export_kohya=True)
     steps, n_class = int(params["supervisor"]["steps"]), int(params["supervisor"]["num_class_images"])
     Recorded.instances = []
     monkeypatch.setattr(supervise, "DreamBoothLoRA", Recorded)
     prepare.run(params, log)
+    # per-image captions: each instance image trains with its own line of captions.jsonl
+    captions = Path("outputs/prepare/captions.jsonl")
+    rows = [json.loads(line) for line in captions.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["caption"] = f"a photo of sks toy, view {i}"
+    captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = supervise.run(params, log)
     (recipe,) = Recorded.instances
+    assert recipe.instance_prompts == [r["caption"] for r in rows]
 
     out = Path("outputs/supervise")
     assert Path(result["lora_dir"]) == out
@@ -124,6 +130,8 @@ def test_run_writes_diffusers_lora_that_reloads(project, log, monkeypatch):
     downs = [k for k in keys if ".lora.down." in k or ".lora_A." in k]
     ups = [k for k in keys if ".lora.up." in k or ".lora_B." in k]
     assert downs and len(downs) == len(ups) and len(downs) + len(ups) == len(keys)
+    with safe_open(str(out / KOHYA_FILE), "pt") as f:
+        assert all(k.startswith("lora_unet_") for k in f.keys()) and len(list(f.keys())) == len(keys) * 3 // 2
 
     class_files = sorted((out / "class_images").glob("*.png"))
     assert len(class_files) == n_class
@@ -131,34 +139,55 @@ def test_run_writes_diffusers_lora_that_reloads(project, log, monkeypatch):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(img))
 
     with open("outputs/supervise_loss.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
-    assert set(rows[0]) == {"step", "loss", "instance_loss", "prior_loss"}
-    assert all(math.isfinite(float(r[k])) for r in rows for k in ("loss", "instance_loss", "prior_loss"))
+        loss_rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in loss_rows] == list(range(1, steps + 1))
+    assert set(loss_rows[0]) == {"step", "loss", "instance_loss", "prior_loss"}
     assert [s for _, s in log.logged if s is not None] == list(range(1, steps + 1))
-    assert float(rows[-1]["loss"]) == pytest.approx(log.logged[-1][0]["loss"], rel=1e-4)
+    assert float(loss_rows[-1]["loss"]) == pytest.approx(log.logged[-1][0]["loss"], rel=1e-4)
+    # validation images every 2 steps went to the logger (MLflow in the stage)
+    validation = [a for a in log.artifacts if "step-" in a]
+    assert [Path(a).name for a in validation] == [f"step-{s:06d}" for s in range(2, steps + 1, 2)]
 
     # a plain diffusers pipeline loads the file and reproduces the trained UNet exactly
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-
-    def generate():
-        return pipe("a photo of sks toy", num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
-
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    t, emb = torch.tensor([500]), recipe.instance_embeds
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t, emb = torch.tensor([500]), recipe.embeds[rows[0]["caption"]]["encoder_hidden_states"]
     with torch.no_grad():
         base_pred = pipe.unet(x, t, encoder_hidden_states=emb).sample
-    without = generate()
     pipe.load_lora_weights(str(out))
-    with_lora = generate()
-    recipe.unet.eval()
+    recipe.denoiser.eval()
     with torch.no_grad():
         loaded_pred = pipe.unet(x, t, encoder_hidden_states=emb).sample
-        trained_pred = recipe.unet(x, t, encoder_hidden_states=emb).sample
+        trained_pred = recipe.denoiser(x, t, encoder_hidden_states=emb).sample
     assert not torch.allclose(loaded_pred, base_pred, atol=1e-3)
     torch.testing.assert_close(loaded_pred, trained_pred, atol=1e-5, rtol=1e-5)
-    assert np.abs(with_lora - without).mean() > 1e-3
+
+
+@pytest.mark.parametrize("key,value,names", [
+    ("mixed_precision", "fp8", ["supervisor.mixed_precision", "fp8"]),
+    ("train_text_encoder", "yes", ["supervisor.train_text_encoder"]),
+    ("lora_rank", "four", ["supervisor.lora_rank"]),
+    ("scheduler", "flow-euler", ["flow-euler", "sd"]),
+])
+def test_bad_supervisor_params_stop_with_one_line(prepared, log, key, value, names):
+    params = load_params()
+    params["supervisor"][key] = value
+    with pytest.raises(ProxytuneError) as err:
+        supervise.run(params, log)
+    assert_one_line(err, *names)
+
+
+@pytest.mark.parametrize("preset", ["supervisor_sdxl.yaml", "supervisor_sd3.yaml"])
+def test_presets_overlay_params_with_known_keys_only(prepared, preset):
+    overlay = yaml.safe_load((Path(__file__).resolve().parent.parent / "presets" / preset).read_text())
+    params = load_params()
+    for section, values in overlay.items():
+        unknown = set(values) - set(params[section])
+        assert not unknown, f"{preset}: {section} has keys params.yaml does not: {unknown}"
+        params[section].update(values)
+    assert "/" in params["supervisor"]["model"]  # a hub id: only the model path needs changing on a GPU
+    params["supervisor"]["model"] = MODEL
+    cfg = supervise.recipe_config(params, [Path("x.png")], ["a photo of sks toy"])
+    assert cfg.steps == 500 and cfg.mixed_precision == "fp16" and cfg.gradient_checkpointing

@@ -1,0 +1,68 @@
+"""Evaluation benchmark: embedding throughput batched vs one image at a time, and re-scoring with a warm
+embedding cache vs a cold one, side by side in one run (tiny evaluators, so ratios, not absolute speeds,
+carry over). Writes bench/results/evaluate.json."""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from proxytune.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, build_tiny_evaluators, prompt_scores
+
+N_IMAGES, N_REFS, BATCH = 96, 5, 32
+
+
+def images(n: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> dict:
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="proxytune-eval-bench-"))
+    tiny = build_tiny_evaluators(work / "evaluators")
+    gen, refs = images(N_IMAGES, 0), images(N_REFS, 1)
+    prompts = [f"a dog in scene {i % 24}" for i in range(N_IMAGES)]
+    results = {"images": N_IMAGES, "batch_size": BATCH}
+    embedders = {"dino": DinoEmbedder(tiny["dino"]),
+                 "clip": ClipEmbedder(tiny["clip_model_name"], tiny["clip_pretrained"],
+                                      config_dir=tiny["clip_config_dir"])}
+    print(f"{'embeddings/s':<14}{'batched':>10}{'one by one':>12}{'ratio':>8}")
+    for name, emb in embedders.items():
+        emb.embed_images(gen[:4])  # warm-up
+        batched = N_IMAGES / timed(lambda: emb.embed_images(gen, batch_size=BATCH))
+        single = N_IMAGES / timed(lambda: emb.embed_images(gen, batch_size=1))
+        results[f"{name}_per_s_batched"], results[f"{name}_per_s_single"] = batched, single
+        print(f"{name:<14}{batched:10.1f}{single:12.1f}{batched / single:8.2f}")
+
+    cache = EmbeddingCache(work / "cache")
+    dino = DinoEmbedder(tiny["dino"], cache=cache)
+    clip = ClipEmbedder(tiny["clip_model_name"], tiny["clip_pretrained"], config_dir=tiny["clip_config_dir"],
+                        cache=cache)
+    score = lambda: prompt_scores(gen, prompts, refs, dino, clip, batch_size=BATCH)  # noqa: E731
+    cold = timed(score)
+    cold_misses = cache.misses
+    warm = timed(score)
+    results.update(rescore_cold_s=cold, rescore_warm_s=warm, cold_misses=cold_misses,
+                   warm_misses=cache.misses - cold_misses)
+    print(f"\nre-score {N_IMAGES} images + {N_REFS} refs: cold {cold:.2f} s ({cold_misses} embedded), "
+          f"warm {warm:.2f} s ({cache.misses - cold_misses} embedded), {cold / warm:.1f}x")
+    out = Path(__file__).parent / "results" / "evaluate.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
