@@ -2,6 +2,7 @@
 
 The bank follows DreamBench's three kinds of prompt: re-contextualisation (new scenes),
 accessorisation (things added to the subject) and property change (the subject itself altered).
+Templates hold one `{}` where the subject phrase ("sks dog") goes.
 """
 from __future__ import annotations
 
@@ -14,11 +15,21 @@ RECONTEXT = [
     "a {} with a mountain in the background",
     "a {} on top of a wooden floor",
     "a {} floating on top of water",
+    "a {} with a wheat field in the background",
+    "a {} on top of a purple rug in a forest",
+    "a {} with a tree and autumn leaves in the background",
+    "a {} on top of green grass with sunflowers around it",
+    "a {} on top of a mirror",
+    "a {} on top of the sidewalk in a crowded street",
+    "a {} on top of a white rug",
+    "a {} floating in an ocean of milk",
 ]
 ACCESSORIES = [
     "a {} wearing a red hat",
     "a {} wearing a santa hat",
-    "a {} with a wheat field in the background",
+    "a {} wearing a rainbow scarf",
+    "a {} wearing a black top hat and a monocle",
+    "a {} wearing pink glasses",
     "a {} next to a green cup",
 ]
 PROPERTIES = [
@@ -44,6 +55,20 @@ CAPTION = "a photo of {}"
 
 def subject_phrase(identifier: str, class_noun: str) -> str:
     return f"{identifier} {class_noun}"
+
+
+def proxy_cycle(user_prompts: list[str] = ()) -> list[str]:
+    """Every bank template once (user templates as a fourth kind), each kind spread evenly through the
+    cycle (R A P R R A R P ...), so any run of prompts mixes the kinds instead of exhausting one first."""
+    kinds = [kind for kind in (RECONTEXT, ACCESSORIES, PROPERTIES, list(user_prompts)) if kind]
+    keyed = [(j / len(kind), k, t) for k, kind in enumerate(kinds) for j, t in enumerate(kind)]
+    return [t for *_, t in sorted(keyed)]
+
+
+def proxy_prompts(phrase: str, count: int, user_prompts: list[str] = ()) -> list[str]:
+    """`count` prompts cycling through the bank, so every kind of context is covered evenly."""
+    cycle = proxy_cycle(user_prompts)
+    return [cycle[i % len(cycle)].format(phrase) for i in range(count)]
 
 
 def corpus_words() -> list[str]:

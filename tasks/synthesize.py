@@ -1,59 +1,203 @@
 """Stage `synthesize`: the tuned supervisor renders proxy images of the subject in many contexts.
 
 Proxy-Tuning's student learns from these instead of the few references, so they must vary in scene,
-accessories and properties. Every image records its prompt and seed, so it can be regenerated exactly.
+accessories and properties (`proxytune.prompts`). Proxies are rendered in batches; kernels round
+differently with the batch size, so every manifest row records its seed *and* its batch and position,
+and `regenerate` re-renders that same batch to get the identical pixels back.
+
+Finished batches land in a work folder keyed by the stage's inputs (images written atomically, then one
+small manifest file per batch), so an interrupted run resumes at the first unfinished batch. Several
+processes can share the work: `accelerate launch -m tasks.synthesize` gives process r the batches
+b with b % N == r (see docs/scale.md); the stage then publishes `outputs/synthesize` in one rename.
 """
 from __future__ import annotations
 
+import json
+import shutil
+import sys
+from itertools import groupby
 from pathlib import Path
 
-from proxytune.diffusion import load_pipeline, sample
-from proxytune.io import atomic_dir, sha256_file, write_jsonl
-from proxytune.params import ProxytuneError, get, model_source
-from proxytune.prompts import ACCESSORIES, PROPERTIES, RECONTEXT, subject_phrase
+import torch
+from PIL import Image
+
+from proxytune.cache import checkpoint_dir
+from proxytune.diffusion import SCHEDULERS, load_pipeline, sample
+from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file, write_jsonl
+from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
+from proxytune.prompts import proxy_prompts, subject_phrase
 from proxytune.stage import stage_task
 
-PROXY_KINDS = (RECONTEXT, ACCESSORIES, PROPERTIES)
+OUT = Path("outputs/synthesize")
 
 
-def proxy_cycle() -> list[str]:
-    """Every bank template once, each kind spread evenly through the cycle (R A P R R A P R ...), so that
-    any run of prompts mixes the kinds instead of exhausting re-contextualisation first."""
-    keyed = [((j + 0.5) / len(kind), k, t) for k, kind in enumerate(PROXY_KINDS) for j, t in enumerate(kind)]
-    return [t for *_, t in sorted(keyed)]
+def settings(params: dict) -> dict:
+    """The `synthesize` params, checked before anything heavy loads."""
+    s = params["synthesize"]
+    for name in ("num_images", "batch_size", "sample_steps"):
+        value = get(params, f"synthesize.{name}")
+        if not isinstance(value, int) or value < 1:
+            raise ProxytuneError(f"params: synthesize.{name} must be a whole number of at least 1, got {value!r}")
+    user = get(params, "synthesize.user_prompts") or []
+    if not isinstance(user, list):
+        raise ProxytuneError(f"params: synthesize.user_prompts must be a list of prompt templates, got {user!r}")
+    for i, template in enumerate(user):
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ProxytuneError(f"params: synthesize.user_prompts[{i}] {template!r} must be text with exactly "
+                                 "one '{}' where the subject phrase goes, e.g. 'a {} playing guitar'")
+    min_dino = get(params, "synthesize.min_dino")
+    if min_dino is not None and not isinstance(min_dino, (int, float)):
+        raise ProxytuneError(f"params: synthesize.min_dino must be a number or null, got {min_dino!r}")
+    scheduler = get(params, "synthesize.scheduler")
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise ProxytuneError(f"params: synthesize.scheduler {scheduler!r} is unknown (known: {', '.join(SCHEDULERS)}; "
+                             "null: the model family's default)")
+    return {"num_images": s["num_images"], "batch_size": s["batch_size"], "user_prompts": user,
+            "steps": s["sample_steps"], "guidance_scale": float(get(params, "synthesize.guidance_scale")),
+            "scheduler": scheduler, "min_dino": None if min_dino is None else float(min_dino)}
 
 
-def proxy_prompts(phrase: str, count: int) -> list[str]:
-    """`count` prompts cycling through the bank, so every kind of context is covered evenly."""
-    cycle = proxy_cycle()
-    return [cycle[i % len(cycle)].format(phrase) for i in range(count)]
+def plan(params: dict) -> list[list[dict]]:
+    """Every proxy to render, grouped into batches: index, prompt, seed, batch, position, sampler settings."""
+    cfg = settings(params)
+    phrase = subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun"))
+    prompts = proxy_prompts(phrase, cfg["num_images"], cfg["user_prompts"])
+    rows = [{"index": i, "prompt": p, "seed": int(params["seed"]) * 1_000_003 + i,
+             "batch": i // cfg["batch_size"], "position": i % cfg["batch_size"],
+             "steps": cfg["steps"], "guidance_scale": cfg["guidance_scale"],
+             "resolution": int(get(params, "prepare.resolution"))} for i, p in enumerate(prompts)]
+    return [list(batch) for _, batch in groupby(rows, key=lambda r: r["batch"])]
+
+
+def load_supervisor(params: dict, device: str | torch.device = "cpu"):
+    """The DreamBooth-tuned supervisor with the sampler `synthesize.scheduler` names (null: the family's default)."""
+    return load_pipeline(model_source(params, "supervisor.model"), lora_dir="outputs/supervise",
+                         scheduler=get(params, "synthesize.scheduler")).to(device)
+
+
+def render_batch(pipe, rows: list[dict]) -> list[Image.Image]:
+    """The whole batch in one pipeline call, one CPU generator per image (the same initial noise on any device),
+    so each image is fixed by its seed and the batch it was rendered in."""
+    first = rows[0]
+    return sample(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], first["steps"],
+                  first["guidance_scale"], first["resolution"], batch_size=len(rows))
+
+
+def regenerate(pipe, row: dict, rows: list[dict]) -> Image.Image:
+    """`row`'s proxy again, pixel-exact: its batch is re-rendered with the same members in the same order.
+    `rows` must hold the whole batch: the kept and the dropped rows (`proxy_rows`)."""
+    if type(pipe.scheduler).__name__ != row["scheduler"]:
+        raise ValueError(f"row was rendered with {row['scheduler']}, the pipeline samples with "
+                         f"{type(pipe.scheduler).__name__}")
+    batch = sorted((r for r in rows if r["batch"] == row["batch"]), key=lambda r: r["position"])
+    return render_batch(pipe, batch)[row["position"]]
+
+
+def proxy_rows(out: Path = OUT) -> list[dict]:
+    """Every rendered proxy, kept and dropped, in rendering order."""
+    return sorted(read_jsonl(out / "manifest.jsonl") + read_jsonl(out / "dropped.jsonl"), key=lambda r: r["index"])
+
+
+def dino_scorer(params: dict, device):
+    """Mean DINO cosine similarity of each image to the prepared references (DreamBench's DINO, per image)."""
+    from proxytune.metrics import DinoEmbedder
+
+    dino = DinoEmbedder(local_path(params, "evaluate.dino", "DINO model folder"), device=str(device))
+    prepared = Path("outputs/prepare")
+    refs = dino.embed_images([Image.open(prepared / r["file"]).convert("RGB")
+                              for r in read_jsonl(prepared / "captions.jsonl")])
+    return lambda images: [round(float(s), 6) for s in (dino.embed_images(images) @ refs.T).mean(dim=1)]
+
+
+def batch_file(work: Path, batch: list[dict]) -> Path:
+    return work / "batches" / f"{batch[0]['batch']:06d}.jsonl"
+
+
+def finished(work: Path, batch: list[dict]) -> bool:
+    """A batch counts as done only when its manifest file is there and every image still has its hash."""
+    path = batch_file(work, batch)
+    return path.is_file() and all((work / r["file"]).is_file() and sha256_file(work / r["file"]) == r["sha256"]
+                                  for r in read_jsonl(path))
+
+
+def render(params: dict, rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> Path:
+    """Render this process's share of the unfinished batches (b % world == rank) into the work folder."""
+    cfg = settings(params)
+    work = checkpoint_dir("synthesize", params)
+    todo = [b for b in plan(params)[rank::world] if not finished(work, b)]
+    if not todo:
+        return work
+    pipe = load_supervisor(params, device)
+    score = dino_scorer(params, device) if cfg["min_dino"] is not None else None
+    (work / "images").mkdir(parents=True, exist_ok=True)
+    for batch in todo:
+        images = render_batch(pipe, batch)
+        scores = score(images) if score else [None] * len(images)
+        done = []
+        for row, image, dino in zip(batch, images, scores, strict=True):
+            rel = f"images/{row['index']:05d}.png"
+            with atomic_file(work / rel) as tmp:
+                image.save(tmp, format="PNG")
+            done.append({**row, "file": rel, "sha256": sha256_file(work / rel), "dino": dino,
+                         "scheduler": type(pipe.scheduler).__name__})
+        write_jsonl(batch_file(work, batch), done)
+    return work
+
+
+def publish(params: dict, work: Path, log) -> dict:
+    """Filter by DINO and write `outputs/synthesize` in one rename; the work folder goes once published."""
+    cfg = settings(params)
+    rows = [r for batch in plan(params) for r in read_jsonl(batch_file(work, batch))]
+    threshold = cfg["min_dino"]
+    kept, dropped = [], []
+    for r in rows:
+        if threshold is None or r["dino"] >= threshold:
+            kept.append(r)
+        else:
+            dropped.append({k: v for k, v in r.items() if k != "file"})  # its image is not in the set
+    if not kept:
+        raise ProxytuneError(f"params: synthesize.min_dino {threshold} drops all {len(rows)} proxies "
+                             f"(best DINO score {max(r['dino'] for r in rows)})")
+    scored = [r["dino"] for r in kept if r["dino"] is not None]
+    summary = {"rendered": len(rows), "kept": len(kept), "dropped": len(dropped), "min_dino": threshold,
+               "mean_dino_kept": sum(scored) / len(scored) if scored else None}
+    with atomic_dir(OUT) as tmp:
+        (tmp / "images").mkdir()
+        for r in kept:
+            shutil.copyfile(work / r["file"], tmp / r["file"])
+        write_jsonl(tmp / "manifest.jsonl", kept)
+        write_jsonl(tmp / "dropped.jsonl", dropped)
+        atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
+    shutil.rmtree(work)
+    log.metrics({"num_proxies": len(kept), "num_dropped": len(dropped)})
+    return {"images_dir": str(OUT / "images"), "manifest": str(OUT / "manifest.jsonl"),
+            "summary": str(OUT / "summary.json")}
 
 
 def run(params: dict, log) -> dict:
-    """Write `outputs/synthesize/images/*.png` and `manifest.jsonl` (file, prompt, seed, sha256)."""
-    s = params["synthesize"]
-    count = int(s["num_images"])
-    if count < 1:
-        raise ProxytuneError(f"params: synthesize.num_images must be at least 1, got {count}")
-    phrase = subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun"))
-    pipe = load_pipeline(model_source(params, "supervisor.model"), lora_dir="outputs/supervise")
-    prompts = proxy_prompts(phrase, count)
-    seeds = [int(params["seed"]) * 1_000_003 + i for i in range(count)]
-    resolution = int(get(params, "prepare.resolution"))
-    images = sample(pipe, prompts, seeds, int(s["sample_steps"]), float(s["guidance_scale"]),
-                    resolution)
-    out = Path("outputs/synthesize")
-    with atomic_dir(out) as tmp:
-        (tmp / "images").mkdir()
-        rows = []
-        for i, (img, prompt, seed) in enumerate(zip(images, prompts, seeds)):
-            rel = f"images/{i:05d}.png"
-            img.save(tmp / rel)
-            rows.append({"file": rel, "prompt": prompt, "seed": seed, "sha256": sha256_file(tmp / rel),
-                         "steps": int(s["sample_steps"]), "guidance_scale": float(s["guidance_scale"])})
-        write_jsonl(tmp / "manifest.jsonl", rows)
-    log.metrics({"num_proxies": len(rows)})
-    return {"images_dir": str(out / "images"), "manifest": str(out / "manifest.jsonl")}
+    """Write `outputs/synthesize/`: kept proxies in `images/`, their rows (file, prompt, seed, batch, position,
+    sha256, dino) in `manifest.jsonl`, the filtered-out rows in `dropped.jsonl`, counts in `summary.json`."""
+    from accelerate import PartialState
+
+    return publish(params, render(params, device=PartialState().device), log)
+
+
+def main() -> int:
+    """Under `accelerate launch`: every process renders its share of the batches into the shared work folder.
+    The stage (`dvc repro`, or `python -m flows.pipeline --stage synthesize`) then finds them done and publishes."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    try:
+        render(load_params(), state.process_index, state.num_processes, state.device)
+    except ProxytuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    state.wait_for_everyone()
+    return 0
 
 
 synthesize_task = stage_task("synthesize", run)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,7 +14,7 @@ from flows.benchmark import benchmark
 from proxytune import compare
 from proxytune.cache import stage_key, write_stamp
 from proxytune.params import load_params
-from tests.conftest import REPO
+from conftest import REPO
 
 SHARED = REPO.parent / "shared" / "dreambench"
 SUBJECTS = ["backpack", "can", "cat", "dog"]

@@ -10,7 +10,7 @@ import pytest
 from proxytune import reports
 from proxytune.dreambench import PROMPTS_FILE, load_dreambench, parse_prompts_file
 from proxytune.params import ProxytuneError
-from tests.conftest import REPO, assert_one_line
+from conftest import REPO, assert_one_line
 
 SHARED = REPO.parent / "shared" / "dreambench"
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/dreambench not present")

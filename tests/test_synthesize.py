@@ -1,82 +1,186 @@
-"""Stage `synthesize`: proxy images with a manifest from which every image regenerates exactly."""
+"""Stage `synthesize`: batched proxies, a manifest from which every image regenerates exactly, DINO filtering,
+resume after an interruption, and several processes sharing the work through accelerate."""
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line
+from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
-from proxytune.diffusion import load_pipeline, sample
+from proxytune.cache import checkpoint_dir
 from proxytune.io import read_jsonl
 from proxytune.params import ProxytuneError, load_params
-from proxytune.prompts import ACCESSORIES, PROPERTIES, RECONTEXT
+from proxytune.prompts import ACCESSORIES, EVAL_PROMPTS, PROPERTIES, PROXY_BANK, RECONTEXT, proxy_prompts
 from tasks import synthesize
-from tasks.synthesize import proxy_prompts
 
 KINDS = {"recontext": RECONTEXT, "accessory": ACCESSORIES, "property": PROPERTIES}
+OUT = Path("outputs/synthesize")
 
 
-def kind_of(prompt: str, phrase: str = "sks toy") -> str:
-    (kind,) = [k for k, templates in KINDS.items() if prompt in {t.format(phrase) for t in templates}]
+def kind_of(prompt: str, phrase: str = "sks toy", user: tuple = ()) -> str:
+    kinds = {**KINDS, "user": list(user)}
+    (kind,) = [k for k, templates in kinds.items() if prompt in {t.format(phrase) for t in templates}]
     return kind
 
 
+def published() -> tuple[bytes, dict[str, bytes]]:
+    """The manifest's bytes and every published image's bytes."""
+    return (OUT / "manifest.jsonl").read_bytes(), {p.name: p.read_bytes() for p in (OUT / "images").iterdir()}
+
+
 def test_proxy_prompts_mix_kinds_and_cover_the_bank():
-    bank_size = sum(len(t) for t in KINDS.values())
+    bank_size = len(PROXY_BANK)
     for n in range(3, 2 * bank_size + 1):
-        prompts = proxy_prompts("sks toy", n)
-        assert {kind_of(p) for p in prompts} == set(KINDS), n
+        assert {kind_of(p) for p in proxy_prompts("sks toy", n)} == set(KINDS), n
     one_cycle = proxy_prompts("sks toy", bank_size)
-    assert sorted(one_cycle) == sorted(t.format("sks toy") for ts in KINDS.values() for t in ts)
+    assert sorted(one_cycle) == sorted(t.format("sks toy") for t in PROXY_BANK)
     assert proxy_prompts("sks toy", 2 * bank_size) == one_cycle * 2  # cyclic
+    assert not set(PROXY_BANK) & set(EVAL_PROMPTS), "evaluation prompts must stay unseen"
+    user = ("a {} playing guitar", "a {} in space")
+    mixed = proxy_prompts("sks toy", bank_size + len(user), user)
+    assert sorted(mixed) == sorted(t.format("sks toy") for t in PROXY_BANK + list(user))
+    first_user = [kind_of(p, user=user) for p in mixed].index("user")
+    assert first_user < bank_size // 2, "user prompts are spread through the cycle, not appended"
 
 
 def test_run_writes_images_and_manifest(synthesized):
     params = load_params()
-    n = int(params["synthesize"]["num_images"])
-    rows = read_jsonl("outputs/synthesize/manifest.jsonl")
-    images = sorted(Path("outputs/synthesize/images").glob("*.png"))
-    assert len(rows) == len(images) == n >= 3
-    assert [r["prompt"] for r in rows] == proxy_prompts("sks toy", n)
+    s = params["synthesize"]
+    rows = read_jsonl(OUT / "manifest.jsonl")
+    images = sorted((OUT / "images").glob("*.png"))
+    assert len(rows) == len(images) == s["num_images"] >= 3
+    assert [r["prompt"] for r in rows] == proxy_prompts("sks toy", s["num_images"])
     assert [kind_of(r["prompt"]) for r in rows[:3]] == ["recontext", "accessory", "property"]
-    assert len({r["seed"] for r in rows}) == n and all(isinstance(r["seed"], int) for r in rows)
+    assert len({r["seed"] for r in rows}) == len(rows) and all(isinstance(r["seed"], int) for r in rows)
+    assert [(r["batch"], r["position"]) for r in rows] == [divmod(i, s["batch_size"]) for i in range(len(rows))]
     for r in rows:
-        path = Path("outputs/synthesize") / r["file"]
+        path = OUT / r["file"]
         assert path in images
         assert r["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-        assert r["steps"] == params["synthesize"]["sample_steps"]
-        assert r["guidance_scale"] == params["synthesize"]["guidance_scale"]
-        res = params["prepare"]["resolution"]
-        assert Image.open(path).size == (res, res)
+        assert (r["steps"], r["guidance_scale"]) == (s["sample_steps"], s["guidance_scale"])
+        assert r["scheduler"] == "DPMSolverMultistepScheduler"  # the class that sampled it: SD1.5's default
+        assert r["dino"] is None  # min_dino: null, no scoring
+        assert Image.open(path).size == (params["prepare"]["resolution"],) * 2
+    assert read_jsonl(OUT / "dropped.jsonl") == []
+    assert json.loads((OUT / "summary.json").read_text())["kept"] == len(rows)
 
 
 def test_each_proxy_regenerates_exactly_from_its_row(synthesized):
     params = load_params()
-    res = int(params["prepare"]["resolution"])
-    rows = read_jsonl("outputs/synthesize/manifest.jsonl")
-    pipe = load_pipeline(params["supervisor"]["model"], lora_dir="outputs/supervise")
-
-    def alone(prompt, seed):
-        (img,) = sample(pipe, [prompt], [seed], rows[0]["steps"], rows[0]["guidance_scale"], res)
-        return np.asarray(img)
-
-    for r in rows:  # each row alone, batch 1, whatever its position in the stage's batches was
-        stored = np.asarray(Image.open(Path("outputs/synthesize") / r["file"]).convert("RGB"))
-        assert np.array_equal(alone(r["prompt"], r["seed"]), stored), r["file"]
+    rows = synthesize.proxy_rows()
+    pipe = synthesize.load_supervisor(params)
+    for r in (rows[0], rows[-1]):
+        stored = np.asarray(Image.open(OUT / r["file"]).convert("RGB"))
+        assert np.array_equal(np.asarray(synthesize.regenerate(pipe, r, rows)), stored), r["file"]
     # the seed and the supervisor's LoRA really determine the pixels
-    stored = np.asarray(Image.open(Path("outputs/synthesize") / rows[1]["file"]).convert("RGB"))
-    assert not np.array_equal(alone(rows[1]["prompt"], rows[1]["seed"] + 1), stored)
-    base = load_pipeline(params["supervisor"]["model"])
-    (img,) = sample(base, [rows[1]["prompt"]], [rows[1]["seed"]], rows[1]["steps"], rows[1]["guidance_scale"], res)
-    assert not np.array_equal(np.asarray(img), stored)
+    row = rows[1]
+    stored = np.asarray(Image.open(OUT / row["file"]).convert("RGB"))
+    reseeded = [{**r, "seed": r["seed"] + 1} for r in rows]
+    assert not np.array_equal(np.asarray(synthesize.regenerate(pipe, reseeded[1], reseeded)), stored)
+    dpm = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(dpm.config)
+    with pytest.raises(ValueError, match="DPMSolverMultistepScheduler"):  # rows name the sampler they need
+        synthesize.regenerate(pipe, row, rows)
+    pipe.scheduler = dpm
+    pipe.unload_lora_weights()
+    assert not np.array_equal(np.asarray(synthesize.regenerate(pipe, row, rows)), stored)
 
 
-@pytest.mark.parametrize("count", [0, -2])
-def test_non_positive_num_images_is_a_clear_error(project, log, count):
+RENDER_BATCH = synthesize.render_batch
+
+
+class Interrupted(Exception):
+    pass
+
+
+def counting_render(monkeypatch, fail_at: int | None = None) -> list[int]:
+    """Record which batches `render_batch` renders; raise on call number `fail_at` (1-based)."""
+    calls = []
+
+    def render_batch(pipe, rows):
+        if len(calls) + 1 == fail_at:
+            raise Interrupted
+        calls.append(rows[0]["batch"])
+        return RENDER_BATCH(pipe, rows)
+
+    monkeypatch.setattr(synthesize, "render_batch", render_batch)
+    return calls
+
+
+def test_interrupted_synthesis_resumes_without_duplicates(synthesized, log, monkeypatch):
     params = load_params()
-    params["synthesize"]["num_images"] = count
-    with pytest.raises(ProxytuneError, match=r"synthesize\.num_images must be at least 1"):
+    params["synthesize"].update(num_images=5, batch_size=2, scheduler="euler")
+    work = checkpoint_dir("synthesize", params)
+    synthesize.run(params, log)
+    uninterrupted = published()
+    assert not work.exists()  # cleared once published
+    shutil.rmtree(OUT)
+
+    calls = counting_render(monkeypatch, fail_at=3)
+    with pytest.raises(Interrupted):
         synthesize.run(params, log)
-    assert not Path("outputs/synthesize").exists()
+    assert calls == [0, 1] and not OUT.exists()
+    assert sorted(p.name for p in (work / "batches").iterdir()) == ["000000.jsonl", "000001.jsonl"]
+
+    (work / "images" / "00001.png").write_bytes(b"torn")  # a damaged image of a finished batch is redone
+    calls = counting_render(monkeypatch)
+    synthesize.run(params, log)
+    assert calls == [0, 2]
+    assert published() == uninterrupted
+    rows = read_jsonl(OUT / "manifest.jsonl")
+    assert [r["index"] for r in rows] == list(range(5)) and len({r["file"] for r in rows}) == 5
+    assert {r["scheduler"] for r in rows} == {"EulerDiscreteScheduler"}
+    assert not work.exists()
+
+
+def test_dino_filter_drops_low_scores_and_reports_counts(synthesized, log):
+    params = load_params()
+    params["synthesize"]["min_dino"] = -1.0  # scores everything, keeps everything
+    synthesize.run(params, log)
+    scores = [r["dino"] for r in read_jsonl(OUT / "manifest.jsonl")]
+    assert len(scores) == 4 and all(-1 <= s <= 1 for s in scores) and len(set(scores)) > 1
+    threshold = sorted(scores)[2]  # keeps the best two
+
+    params["synthesize"]["min_dino"] = threshold
+    log.logged.clear()
+    synthesize.run(params, log)
+    kept, dropped = read_jsonl(OUT / "manifest.jsonl"), read_jsonl(OUT / "dropped.jsonl")
+    assert sorted(r["dino"] for r in kept) == sorted(scores)[2:]
+    assert sorted(r["dino"] for r in dropped) == sorted(scores)[:2]
+    assert sorted(p.name for p in (OUT / "images").iterdir()) == sorted(Path(r["file"]).name for r in kept)
+    assert all("file" not in r for r in dropped)
+    summary = json.loads((OUT / "summary.json").read_text())
+    assert (summary["rendered"], summary["kept"], summary["dropped"]) == (4, 2, 2)
+    assert summary["mean_dino_kept"] == pytest.approx(sum(sorted(scores)[2:]) / 2)
+    assert log.logged == [({"num_proxies": 2, "num_dropped": 2}, None)]
+
+    params["synthesize"]["min_dino"] = 1.5
+    with pytest.raises(ProxytuneError) as err:
+        synthesize.run(params, log)
+    assert_one_line(err, "synthesize.min_dino", "drops all 4")
+    assert len(read_jsonl(OUT / "manifest.jsonl")) == 2  # the published set is untouched
+
+
+@pytest.mark.parametrize("name, value, rule", [
+    ("num_images", 0, "synthesize.num_images must be a whole number of at least 1"),
+    ("batch_size", -2, "synthesize.batch_size must be a whole number of at least 1"),
+    ("sample_steps", 0, "synthesize.sample_steps must be a whole number of at least 1"),
+    ("scheduler", "EulerDiscreteScheduler", "synthesize.scheduler 'EulerDiscreteScheduler' is unknown"),
+    ("num_images", "many", "synthesize.num_images must be a whole number of at least 1, got 'many'"),
+    ("min_dino", "high", "synthesize.min_dino must be a number or null"),
+    ("user_prompts", "a {} dancing", "synthesize.user_prompts must be a list"),
+    ("user_prompts", ["a {} dancing", "a sks toy singing"], r"synthesize.user_prompts\[1\] .* exactly one '{}'"),
+])
+def test_bad_params_are_one_line_errors(project, log, name, value, rule):
+    params = load_params()
+    params["synthesize"][name] = value
+    with pytest.raises(ProxytuneError, match=rule) as err:
+        synthesize.run(params, log)
+    assert_one_line(err, f"synthesize.{name}")
+    assert not OUT.exists()
