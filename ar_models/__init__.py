@@ -13,6 +13,8 @@ FAMILIES = {
     "llamagen": ("ar_models.llamagen", "LlamaGenStudent"),
     "lumina_mgpt": ("ar_models.lumina_mgpt", "LuminaMGPTStudent"),
     "janus_pro": ("ar_models.janus_pro", "JanusProStudent"),
+    "var": ("ar_models.var", "VARStudent"),
+    "infinity": ("ar_models.infinity", "InfinityStudent"),
 }
 
 __all__ = ["ARStudent", "PromptBatch", "FAMILIES", "load_student", "require_file"]

@@ -8,6 +8,7 @@ official code too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 from dataclasses import dataclass, replace
@@ -229,8 +230,10 @@ class GPT(nn.Module):
         prefix_mask: torch.Tensor | None = None,
         start_pos: int = 0,
         caches: list[KVCache] | None = None,
+        logits_from: int = 0,
     ) -> torch.Tensor:
-        """fp32 logits (B, L, vocab) for the L positions starting at start_pos.
+        """fp32 logits (B, L - logits_from, vocab) for the positions starting at start_pos + logits_from: the
+        output head only runs where logits are wanted (-1: the last position, as sampling needs).
 
         caption (B, cls_token_num, caption_dim) and/or image codes idx (B, N) fill those positions, in that
         order; prefix_mask (B, cls_token_num) marks real caption tokens (None: all real). Without caches
@@ -252,7 +255,7 @@ class GPT(nn.Module):
                 h = checkpoint(layer, h, rope, mask, None, start_pos, use_reentrant=False)
             else:
                 h = layer(h, rope, mask, None if caches is None else caches[i], start_pos)
-        return self.output(self.norm(h)).float()
+        return self.output(self.norm(h[:, logits_from:])).float()
 
 
 # -----------------------------------------------------------------------------
@@ -542,6 +545,23 @@ def sample_logits(
 # Student
 
 
+@contextlib.contextmanager
+def bf16_weight_cache(module: nn.Module, enabled: bool):
+    """Let autocast cast each frozen weight to bf16 once per sampling run instead of once per decode step.
+
+    torch.autocast caches its bf16 copies only for leaf weights that require grad, so a frozen GPT (or peft's
+    frozen base layers) is re-cast every step, which made bf16 decoding slower than fp32. Sampling runs under
+    no_grad, so marking the weights for its duration builds no graph; they are restored afterwards."""
+    frozen = [p for p in module.parameters() if enabled and not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 class LlamaGenStudent(ARStudent):
     """GPT + VQ + frozen T5 encoder behind the `ARStudent` interface. Only `gpt` is meant to be trained."""
 
@@ -646,7 +666,7 @@ class LlamaGenStudent(ARStudent):
         if cond_dropout > 0:
             drop = torch.rand(caption.shape[0], device=caption.device) < cond_dropout
             caption = torch.where(drop[:, None, None], self.gpt.cls_embedding.uncond_embedding, caption)
-        return self.gpt(tokens[:, :-1], caption, cond.mask.to(self.device))[:, T - 1 :]
+        return self.gpt(tokens[:, :-1], caption, cond.mask.to(self.device), logits_from=T - 1)
 
     @torch.no_grad()
     def sample_tokens(
@@ -671,8 +691,8 @@ class LlamaGenStudent(ARStudent):
         generator = torch.Generator(self.device).manual_seed(seed)
         caches = self.gpt.new_caches(T + N) if use_cache else None
         tokens = torch.empty(caption.shape[0], 0, dtype=torch.long, device=self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = self.gpt(None, caption, mask, caches=caches)[:, -1]  # the prefix, computed once
+        with bf16_weight_cache(self.gpt, autocast), torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
+            logits = self.gpt(None, caption, mask, caches=caches, logits_from=-1)[:, -1]  # the prefix, once
             for i in range(N):
                 if guided:
                     c, u = logits.chunk(2)
@@ -684,7 +704,7 @@ class LlamaGenStudent(ARStudent):
                 if use_cache:
                     logits = self.gpt(tokens[:, -1:], None, mask, start_pos=T + i, caches=caches)[:, -1]
                 else:
-                    logits = self.gpt(tokens, caption, mask)[:, -1]
+                    logits = self.gpt(tokens, caption, mask, logits_from=-1)[:, -1]
         return tokens[:B]
 
     def generate(

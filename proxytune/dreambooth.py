@@ -9,10 +9,16 @@ sigmas drawn by `compute_density_for_timestep_sampling` and weighted by `compute
 Fixes over those scripts: LoRA parameters stay fp32 under bf16/fp16 weights (no "Attempting to unscale FP16
 gradients"), class images are cached across runs and only the missing ones rendered, every draw comes from
 one generator the checkpoint carries, so a resumed run ends bit-identical.
+
+Data parallel under `accelerate launch`: `batch_size` is the global batch. Every process draws the whole
+batch's randomness from the shared generator and trains on its own equal slice; gradients are averaged
+across processes, so N processes end with the LoRA one process would (to float rounding) and a checkpoint
+resumes under any process count.
 """
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,10 +120,11 @@ class DreamBoothLoRA:
     """setup() -> train_step() x N -> save(); no orchestration inside, so tests drive it directly.
 
     `proxytune.training.train` runs the steps and checkpoints `trainable`, `optimizer` and `generator`.
+    `process` is accelerate's `PartialState` when several processes train together (None: this one alone).
     """
 
-    def __init__(self, cfg: DreamBoothConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DreamBoothConfig, process=None):
+        self.cfg, self.process = cfg, process
 
     # ---- setup -------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -126,7 +133,14 @@ class DreamBoothLoRA:
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        process = self.process
+        self.world = process.num_processes if process else 1
+        if cfg.batch_size % self.world:
+            raise ProxytuneError(f"params: supervisor.batch_size {cfg.batch_size} (the global batch) must be a "
+                                 f"multiple of the {self.world} training processes")
+        share, rank = cfg.batch_size // self.world, process.process_index if process else 0
+        self.shard = slice(rank * share, (rank + 1) * share)  # this process's rows of every batch
+        self.device = process.device if process else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = DTYPES[cfg.mixed_precision]
         self.pipe = load_pipeline(cfg.model, scheduler=cfg.scheduler).to(self.device)
         self.family = family_of({"_class_name": type(self.pipe).__name__}, cfg.model)
@@ -139,7 +153,8 @@ class DreamBoothLoRA:
         self.noise_scheduler = schedulers.from_config(self.pipe.scheduler.config)
         self.resolution = Image.open(cfg.instance_images[0]).width
         self.class_images_rendered = 0
-        self.class_images = self._class_images() if cfg.prior_preservation else []
+        with process.main_process_first() if process else nullcontext():  # one process renders, the rest read
+            self.class_images = self._class_images() if cfg.prior_preservation else []
 
         self.text_encoders = {n: getattr(self.pipe, n) for n in CLIP_ENCODERS[self.family]}
         self.instance_prompts = list(cfg.prompts)
@@ -176,6 +191,9 @@ class DreamBoothLoRA:
         denoiser_params = [p for p in self.denoiser.parameters() if p.requires_grad]
         text_params = [p for te in self.text_encoders.values() for p in te.parameters() if p.requires_grad]
         self.params = denoiser_params + text_params
+        if self.world > 1:  # every process starts from the main process's weights (device RNGs may differ)
+            for p in self.params:
+                torch.distributed.broadcast(p.data, src=0)
         groups = [{"params": denoiser_params, "lr": cfg.learning_rate}]
         if text_params:
             groups.append({"params": text_params, "lr": cfg.text_encoder_lr})
@@ -265,7 +283,7 @@ class DreamBoothLoRA:
         else:
             cached = (cached[0][idx], cached[1][idx])
         mean, std = cached
-        x = mean + std * torch.randn(mean.shape, generator=self.generator).to(self.device)
+        x = mean + std * self._noise_like(mean)
         cfg = self.pipe.vae.config
         return (x - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
 
@@ -292,12 +310,17 @@ class DreamBoothLoRA:
         return {k: rows[0][k] if k == "txt_ids" else torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     # ---- loss --------------------------------------------------------------------------------------------
+    def _noise_like(self, local: torch.Tensor) -> torch.Tensor:
+        """Noise for this process's rows, drawn for the global batch: the generator advances alike everywhere."""
+        full = torch.randn((self.cfg.batch_size, *local.shape[1:]), generator=self.generator)
+        return full[self.shard].to(self.device)
+
     def _per_sample_loss(self, x0: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        noise = self._noise_like(x0)
         if self.flow:
             return self._flow_loss(x0, noise, cond)
         sched, n = self.noise_scheduler, len(x0)
-        t = torch.randint(sched.config.num_train_timesteps, (n,), generator=self.generator)
+        t = torch.randint(sched.config.num_train_timesteps, (self.cfg.batch_size,), generator=self.generator)[self.shard]
         noisy = sched.add_noise(x0, noise, t)
         extra = {}
         if self.family == "sdxl":
@@ -320,8 +343,8 @@ class DreamBoothLoRA:
         from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
         cfg, sched, n = self.cfg, self.noise_scheduler, len(x0)
-        u = compute_density_for_timestep_sampling(cfg.weighting_scheme, n, cfg.logit_mean, cfg.logit_std,
-                                                  cfg.mode_scale, generator=self.generator)
+        u = compute_density_for_timestep_sampling(cfg.weighting_scheme, cfg.batch_size, cfg.logit_mean, cfg.logit_std,
+                                                  cfg.mode_scale, generator=self.generator)[self.shard]
         idx = (u * sched.config.num_train_timesteps).long().clamp(max=len(sched.timesteps) - 1)
         timesteps = sched.timesteps[idx].to(self.device)
         sigmas = sched.sigmas[idx].to(self.device, torch.float32).view(-1, 1, 1, 1)
@@ -346,7 +369,7 @@ class DreamBoothLoRA:
         return (weighting.float() * (pred.float() - (noise - x0).float()) ** 2).mean(dim=(1, 2, 3))
 
     def _term(self, cached, pixels, prompts: list[str]) -> torch.Tensor:
-        idx = torch.randint(len(prompts), (self.cfg.batch_size,), generator=self.generator)
+        idx = torch.randint(len(prompts), (self.cfg.batch_size,), generator=self.generator)[self.shard]
         x0 = self._latents(cached, pixels, idx)
         return self._per_sample_loss(x0, self._cond([prompts[i] for i in idx])).mean()
 
@@ -362,6 +385,10 @@ class DreamBoothLoRA:
                 loss = instance + cfg.prior_loss_weight * prior
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        values = {"loss": loss, **losses}
+        if self.world > 1:
+            self._average_gradients()
+            values = dict(zip(values, self._mean_over_processes(torch.stack([v.detach() for v in values.values()]))))
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.scaler.step(self.optimizer)
@@ -373,7 +400,21 @@ class DreamBoothLoRA:
                 keep[self.token_ids[name].cpu()] = False
                 with torch.no_grad():
                     weight[keep] = self.original_embeddings[name][keep].to(weight.dtype)
-        return {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+        return {k: v.item() for k, v in values.items()}
+
+    def _mean_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(tensor)
+        return tensor / self.world
+
+    def _average_gradients(self) -> None:
+        """Every process gets the mean of all processes' gradients: the global batch's gradient. One all-reduce
+        of the flattened LoRA gradients (small) rather than DDP wrappers, which cannot reach the text encoders
+        the pipeline's `encode_prompt` calls. Parameters without a gradient (a text encoder's last layer, when the
+        pipeline reads the one before) are left without one, alike in every process."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flat = self._mean_over_processes(torch.cat([g.reshape(-1) for g in grads]))
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
     # ---- rendering and saving ----------------------------------------------------------------------------
     def render(self, prompts: list[str], seeds: list[int]) -> list[Image.Image]:
@@ -419,7 +460,10 @@ class DreamBoothLoRA:
             kwargs[f"{name}_lora_layers"] = layers if name == "transformer" else convert_state_dict_to_diffusers(layers)
             # The adapter config (lora_alpha above all) goes in the file's metadata, as diffusers' training
             # scripts do; without it the loader assumes alpha == rank and rescales any other LoRA.
-            kwargs[f"{name}_lora_adapter_metadata"] = modules[name].peft_config["default"].to_dict()
+            config = modules[name].peft_config["default"].to_dict()
+            # a set in peft; sorted, the saved metadata does not depend on the process's hash seed
+            config["target_modules"] = sorted(config["target_modules"])
+            kwargs[f"{name}_lora_adapter_metadata"] = config
         type(self.pipe).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
         if self.cfg.pivotal_tokens:
             from safetensors.torch import save_file

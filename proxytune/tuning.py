@@ -333,7 +333,8 @@ def write_card(out_dir: Path, cfg: TuneConfig, student_params: dict, files: list
 
 
 # the params that identify the base model (paths and sizes), recorded in the card
-BASE_KEYS = ("family", "size", "vq_size", "checkpoint", "vq_checkpoint", "vq_config", "text_encoder", "image_size")
+BASE_KEYS = ("family", "size", "vq_size", "checkpoint", "vq_checkpoint", "vq_config", "text_encoder", "tokenizer",
+             "patch_nums", "image_size")
 
 
 class TunedStudent:

@@ -1,14 +1,14 @@
 """Stage `bootstrap`: build the embedded default, so the pipeline runs with no model hub.
 
 Writes tiny random-init models in their real on-disk formats (a diffusers pipeline folder, LlamaGen's
-official checkpoint layout, Lumina-mGPT's and Janus-Pro's released folders, transformers/open_clip evaluator weights) and the demo subject's photos.
+official checkpoint layout, Lumina-mGPT's, Janus-Pro's, VAR's and Infinity's released layouts, transformers/open_clip evaluator weights) and the demo subject's photos.
 Real runs ignore these by pointing params.yaml at real weights.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ar_models import janus_pro, llamagen, lumina_mgpt
+from ar_models import infinity, janus_pro, llamagen, lumina_mgpt, var
 from proxytune import metrics
 from proxytune.demo import write_demo_subject
 from proxytune.io import atomic_dir
@@ -31,6 +31,8 @@ def run(params: dict, log) -> dict:
         llamagen.build_tiny(tmp / "llamagen", corpus, seed=seed, image_size=size)
         lumina_mgpt.build_tiny(tmp / "lumina_mgpt", corpus, seed=seed, image_size=size)
         janus_pro.build_tiny(tmp / "janus_pro", corpus, seed=seed, image_size=size)
+        infinity.build_tiny(tmp / "infinity", corpus, seed=seed, image_size=size)
+        var.build_tiny(tmp / "var", corpus, seed=seed, image_size=size)
         metrics.build_tiny_evaluators(tmp / "evaluators", seed=seed, image_size=size)
     write_demo_subject(DEMO_SUBJECT, seed=seed)
     return {"models": str(MODELS), "demo_subject": str(DEMO_SUBJECT)}

@@ -295,8 +295,11 @@ def test_sample_logits_filters():
 
 def test_autocast_sampling_runs(student):
     cond = student.encode_prompts(PROMPTS[:1])
+    student.gpt.requires_grad_(False)
     tokens = student.sample_tokens(cond, cfg_scale=2.0, seed=0, autocast=True)
     assert tokens.shape == (1, 16) and 0 <= tokens.min() and tokens.max() < 512
+    assert not any(p.requires_grad for p in student.gpt.parameters())  # the bf16 weight cache restores the flags
+    assert torch.equal(tokens, student.sample_tokens(cond, cfg_scale=2.0, seed=0, autocast=True, use_cache=False))
 
 
 def test_parameter_groups_and_lora_targets(student, codes):

@@ -31,14 +31,14 @@ from proxytune.tuning import (
 PROMPTS = ["a sks toy on the beach", "a sks toy in the snow", "a red sks toy", "a sks toy wearing a red hat"]
 
 
-FAMILIES = ["llamagen", "lumina_mgpt", "janus_pro"]
+FAMILIES = ["llamagen", "lumina_mgpt", "janus_pro", "var", "infinity"]
 
 
 def family_params(built_models: Path, family: str) -> dict:
     """The params `student` section for a family's tiny replica (its preset), with absolute paths."""
     s = copy.deepcopy(load_params(built_models / "params.yaml")["student"])
     s.update(yaml.safe_load((REPO / "presets" / f"student_{family}_tiny.yaml").read_text())["student"])
-    for key in ("checkpoint", "vq_checkpoint", "vq_config", "text_encoder"):
+    for key in ("checkpoint", "vq_checkpoint", "vq_config", "text_encoder", "tokenizer"):
         if key in s and str(s[key]).startswith("models/"):
             s[key] = str(built_models / s[key])
     return s
