@@ -8,13 +8,13 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from conftest import REPO
 from PIL import Image
 
 from flows.benchmark import benchmark
 from proxytune import compare
 from proxytune.cache import stage_key, write_stamp
 from proxytune.params import load_params
-from conftest import REPO
 
 SHARED = REPO.parent / "shared" / "dreambench"
 SUBJECTS = ["backpack", "can", "cat", "dog"]

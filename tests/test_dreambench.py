@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO, assert_one_line
 
 from proxytune import reports
 from proxytune.dreambench import PROMPTS_FILE, load_dreambench, parse_prompts_file
 from proxytune.params import ProxytuneError
-from conftest import REPO, assert_one_line
 
 SHARED = REPO.parent / "shared" / "dreambench"
 pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/dreambench not present")
