@@ -3,7 +3,7 @@
 1. On the tiny supervisor (built here into a temp folder), the same proxies rendered one per pipeline call
    and `BATCH` per call, each mode in its own process so its peak memory is its own.
 2. The synthesize stage in a throw-away project, once in this process and once as
-   `accelerate launch --cpu --num_processes 2 -m tasks.synthesize` (gloo) followed by the stage, which
+   `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m tasks.synthesize` (gloo) followed by the stage, which
    publishes; the two published manifests must be identical (the bench fails otherwise).
 Writes bench/results/synthesize.json.
 """
@@ -108,11 +108,16 @@ def bench_processes() -> dict:
     shutil.rmtree(work / "outputs/synthesize")
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PYTHONPATH": str(work)}
+    # `--cpu` alone starts one process (several need MPI); `--multi_gpu` with ACCELERATE_USE_CPU gives gloo ranks
+    env = {**os.environ, "PYTHONPATH": str(work), "ACCELERATE_USE_CPU": "true"}
     start = time.perf_counter()
-    subprocess.run([str(bin_dir / "accelerate"), "launch", "--cpu", "--num_processes", "2",
-                    "--num_cpu_threads_per_process", "1", "--num_machines", "1", "--mixed_precision", "no",
-                    "--dynamo_backend", "no", "-m", "tasks.synthesize"], cwd=work, env=env, check=True)
+    launch = subprocess.run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                             "--num_cpu_threads_per_process", "1", "--num_machines", "1", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", "-m", "tasks.synthesize"], cwd=work, env=env, check=True,
+                            capture_output=True, text=True)
+    ranks = {line.split(" of ")[0] for line in launch.stdout.splitlines() if line.startswith("synthesize: process")}
+    if ranks != {"synthesize: process 0", "synthesize: process 1"}:
+        raise SystemExit(f"accelerate did not start 2 ranks: {launch.stdout!r}")
     synthesize.run(params, Log())  # finds every batch rendered, publishes
     two = time.perf_counter() - start
     merged = (work / "outputs/synthesize/manifest.jsonl").read_bytes()

@@ -186,8 +186,11 @@ def main() -> int:
     """Under `accelerate launch`: every process renders its share of the batches into the shared work folder.
     The stage (`dvc repro`, or `python -m flows.pipeline --stage synthesize`) then finds them done and publishes."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    # `accelerate launch --cpu` sets this flag, which PartialState (unlike Accelerator) leaves to its caller
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    print(f"synthesize: process {state.process_index} of {state.num_processes} on {state.device}", flush=True)
     try:
         render(load_params(), state.process_index, state.num_processes, state.device)
     except ProxytuneError as e:

@@ -12,7 +12,7 @@ from conftest import REPO, assert_one_line
 from proxytune import presets
 from proxytune.params import ProxytuneError, load_params
 from proxytune.tuning import load_tuned
-from tasks import distill
+from tasks import distill, evaluate
 
 PRESET_FILES = sorted((REPO / "presets").glob("*.yaml"))
 
@@ -50,7 +50,7 @@ def test_apply_merges_and_keeps_comments(project, capsys):
 
 
 @pytest.mark.parametrize("family", ["lumina_mgpt", "janus_pro", "var", "infinity"])
-def test_student_presets_run_the_stage(synthesized, log, family):
+def test_student_presets_run_distill_and_evaluate(synthesized, log, family):
     presets.apply([f"student_{family}_tiny"])
     params = load_params()
     params["student"]["steps"] = 2
@@ -59,3 +59,7 @@ def test_student_presets_run_the_stage(synthesized, log, family):
     assert card["family"] == family and card["files"] == ["adapter"]
     images = load_tuned("outputs/distill", params["student"]).generate(["a sks toy in the snow"], seed=3)
     assert images.shape == (1, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+
+    evaluate.run(params, log)
+    scores = json.loads(Path("outputs/metrics.json").read_text())
+    assert {"student", "supervisor"} <= set(scores) and -1 <= scores["student"]["clip_t"] <= 1
