@@ -15,14 +15,63 @@ from proxytune.io import atomic_dir
 FAMILIES = ("sd", "sd2", "sdxl", "sd3", "flux")
 
 
-def train_clip_tokenizer(corpus: list[str], vocab_size: int = 400):
-    """A `CLIPTokenizer` (CLIP's byte-level BPE pipeline) with merges trained here on `corpus`."""
-    from tokenizers import pre_tokenizers
+def _byte_alphabet() -> list[str]:
+    """CLIP/GPT-2's printable stand-in for each of the 256 bytes, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def train_clip_tokenizer(corpus: list[str], num_merges: int = 150):
+    """A `CLIPTokenizer` whose BPE merges are learned here on `corpus`, laid out as CLIP's vocab is (256 bytes,
+    256 end-of-word bytes, the merges, then the two specials).
+
+    Our own few-line trainer rather than `tokenizers`' BpeTrainer: that one breaks ties between equally frequent
+    pairs in hash order, which differs per process, so the same corpus gave different ids (and the same seed
+    different text-encoder weights) run to run. Here ties go to the smallest pair."""
+    import re
+    from collections import Counter
+
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(model_max_length=77).train_new_from_iterator(
-        corpus, vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    alphabet = _byte_alphabet()
+    words = Counter()
+    for text in corpus:
+        for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower()):
+            symbols = [alphabet[b] for b in word.encode("utf-8")]
+            words[tuple(symbols[:-1] + [symbols[-1] + "</w>"])] += 1
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged = {}
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + n
+        words = merged
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(a + b for a, b in merges)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def train_t5_tokenizer(corpus: list[str], vocab_size: int = 200, max_length: int = 32):

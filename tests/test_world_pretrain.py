@@ -1,0 +1,151 @@
+"""Pretraining the tiny models on the world: each trains (its fixed-batch loss falls), is saved in the format the
+pipeline's own loaders read, and is a pure function of (dataset, steps, seed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import assert_one_line
+from PIL import Image
+from safetensors.torch import load_file
+
+from ar_models import load_student
+from proxytune import world, world_pretrain
+from proxytune.metrics import TINY_CLIP_NAME, ClipEmbedder, DinoEmbedder
+from proxytune.params import ProxytuneError
+
+SIZE = 32
+# Small budgets: a few seconds each on one CPU thread, enough for the fixed-batch losses to fall.
+RUNS = {
+    "clip": lambda ds, out: world_pretrain.pretrain_clip(ds, out, steps=12, seed=3, batch_size=16),
+    "dino": lambda ds, out: world_pretrain.pretrain_dino(ds, out, steps=12, seed=3, batch_size=16),
+    "llamagen": lambda ds, out: world_pretrain.pretrain_llamagen(ds, out, steps=12, vq_steps=4, seed=3, batch_size=8),
+    "supervisor": lambda ds, out: world_pretrain.pretrain_supervisor(ds, out, steps=15, vae_steps=4, seed=3,
+                                                                     batch_size=8),
+}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return world.write_dataset(tmp_path_factory.mktemp("world") / "data", n=32, seed=0, size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """Each model trained once: {name: (out_dir, history)}."""
+    root = tmp_path_factory.mktemp("trained")
+    return {name: (root / name, run(dataset, root / name)) for name, run in RUNS.items()}
+
+
+def _evals(history, phase):
+    before, after = (r["loss"] for r in history if r["phase"] == f"{phase}/eval")
+    return before, after
+
+
+@pytest.mark.parametrize("name,phases", [("clip", ["clip"]), ("dino", ["dino"]), ("llamagen", ["vq", "gpt"]),
+                                         ("supervisor", ["vae", "unet"])])
+def test_loss_falls_on_the_fixed_batch(trained, name, phases):
+    history = trained[name][1]
+    for phase in phases:
+        steps = [r for r in history if r["phase"] == phase]
+        assert steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+        before, after = _evals(history, phase)
+        assert after < 0.9 * before, f"{phase}: fixed-batch loss {before:.3f} -> {after:.3f}"
+
+
+def test_clip_loads_and_matches_images_to_their_captions(trained, dataset):
+    out = trained["clip"][0]
+    clip = ClipEmbedder(TINY_CLIP_NAME, out / "open_clip_model.safetensors", config_dir=out)
+    data = world_pretrain.load_world(dataset)
+    images = [Image.open(dataset / r["file"]) for r in data.rows[:16]]
+    sim = clip.embed_images(images) @ clip.embed_texts(data.captions[:16]).T
+    diagonal = sim.diagonal().mean()
+    off = (sim.sum() - sim.diagonal().sum()) / (sim.numel() - len(sim))
+    assert diagonal > off + 0.05, (float(diagonal), float(off))
+
+
+def test_dino_loads_and_separates_classes(trained, dataset):
+    dino = DinoEmbedder(trained["dino"][0])
+    data = world_pretrain.load_world(dataset)
+    emb = dino.embed_images([Image.open(dataset / r["file"]) for r in data.rows])
+    assert emb.shape == (32, 48)
+    cls = torch.tensor([world.CLASSES.index(r["class_noun"]) for r in data.rows])
+    same = (cls[:, None] == cls[None]) & ~torch.eye(32, dtype=torch.bool)
+    sim = emb @ emb.T
+    assert sim[same].mean() > sim[~same].mean(), "same-class images should be closer than different-class ones"
+
+
+def test_llamagen_loads_through_the_pipeline_loader(trained):
+    out = trained["llamagen"][0]
+    assert sorted(p.name for p in out.iterdir()) == ["t2i.pt", "text_encoder", "vq.pt"]
+    student = load_student({"family": "llamagen", "size": "tiny", "vq_size": "tiny", "checkpoint": str(out / "t2i.pt"),
+                            "vq_checkpoint": str(out / "vq.pt"), "text_encoder": str(out / "text_encoder"),
+                            "image_size": SIZE, "device": "cpu"})
+    saved = torch.load(out / "t2i.pt", weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in student.gpt.state_dict().items())
+    images = student.generate(["a red ball on the beach"], cfg_scale=2.0, seed=0)
+    assert images.shape == (1, 3, SIZE, SIZE)
+    # the caption words the world uses are in the T5 vocabulary
+    assert student.tokenizer.unk_token_id not in student.tokenizer("a yellow and blue dotted can").input_ids
+
+
+def test_vq_dead_codes_restart_on_current_latents(dataset):
+    from ar_models.llamagen import VQ_SIZES, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(VQ_SIZES["tiny"])
+    K = vq.config.codebook_size
+    idle = torch.full((K,), world_pretrain.DEAD_AFTER * K)  # every code has been idle too long
+    before = vq.quantize.embedding.weight.detach().clone()
+    x = world_pretrain.load_world(dataset).pixels(torch.arange(2))
+    with torch.no_grad():
+        used = vq.quantize.quantize(torch.nn.functional.normalize(vq.quant_conv(vq.encoder(x)), dim=1)).unique()
+    world_pretrain._vq_loss(vq, x, idle=idle, generator=torch.Generator().manual_seed(0)).backward()
+    moved = (vq.quantize.embedding.weight != before).any(1)
+    assert moved.sum() >= K - 32 and not moved[used].any() and idle.max() == 0
+
+
+def test_supervisor_loads_and_samples(trained):
+    from proxytune.diffusion import load_pipeline, sample
+
+    pipe = load_pipeline(str(trained["supervisor"][0]))
+    assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)  # set from the world's latents
+    images = sample(pipe, ["a red ball on the beach"], [0], steps=2, guidance=3.0, resolution=SIZE)
+    assert images[0].size == (SIZE, SIZE)
+
+
+def _weights(name, out):
+    if name == "clip":
+        return load_file(out / "open_clip_model.safetensors")
+    if name == "dino":
+        return load_file(out / "model.safetensors")
+    if name == "llamagen":
+        return {f"{f}.{k}": v for f in ("t2i", "vq") for k, v in torch.load(out / f"{f}.pt", weights_only=True)
+                ["model"].items()}
+    return {f"{c}.{k}": v for c in ("unet", "vae") for k, v in
+            load_file(out / c / "diffusion_pytorch_model.safetensors").items()}
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_same_seed_same_weights(trained, dataset, tmp_path, name):
+    out, history = trained[name]
+    again = RUNS[name](dataset, tmp_path / name)
+    assert [r["loss"] for r in again] == [r["loss"] for r in history]
+    a, b = _weights(name, out), _weights(name, tmp_path / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if name == "supervisor":
+        config = json.loads((tmp_path / name / "vae" / "config.json").read_text())
+        assert config["scaling_factor"] == json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
+
+
+def test_bad_dataset_and_budget_are_one_line_errors(tmp_path):
+    with pytest.raises(ProxytuneError) as err:
+        world_pretrain.pretrain_dino(tmp_path, tmp_path / "out", steps=1)
+    assert_one_line(err, "captions.jsonl")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ProxytuneError) as err:
+        world_pretrain.plan_steps(90)
+    assert_one_line(err, "budget_minutes")
+    plan = world_pretrain.plan_steps(60)
+    assert set(plan) == {"clip", "dino", "vq", "gpt", "vae", "unet", "images"} and min(plan.values()) >= 1
