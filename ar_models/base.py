@@ -124,9 +124,9 @@ class ARStudent(nn.Module, ABC):
         """Sample images for a batch of `prompts` with classifier-free guidance (one batched forward per step
         for conditional and unconditional rows); deterministic for a seed, identical with and without cache."""
 
+    @abstractmethod
     def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
         """Like `generate`, from an already-built condition (learned prefixes, cached features)."""
-        raise NotImplementedError(f"{type(self).__name__} does not sample from a precomputed condition")
 
     @property
     @abstractmethod

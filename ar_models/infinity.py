@@ -873,30 +873,18 @@ def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, ima
     state dict, like infinity_2b_reg.pth), infinity_vae_tiny.pth ({"vae": state_dict}, bit mask under both of
     the release's quantizer names) and a text_encoder/ folder (tiny T5 + a word-level tokenizer trained on
     `corpus`). Same seed, same files. Returns kwargs for `InfinityStudent.from_paths`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    from ar_models.llamagen import tiny_t5_encoder, tiny_t5_tokenizer
 
     if not corpus:
         raise ValueError("build_tiny needs a non-empty corpus to train the tokenizer on")
     config, vae_config = INFINITY_SIZES["tiny"], VAE_SIZES["tiny"]
     schedule = scale_schedule(image_size // vae_config.patch_size)
-
-    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>", model_max_length=config.text_maxlen)
+    tokenizer = tiny_t5_tokenizer(corpus, config.text_maxlen)
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         infinity, vae = Infinity(config, schedule), BSQVAE(vae_config)
-        encoder = T5EncoderModel(T5Config(
-            vocab_size=tok.get_vocab_size(), d_model=config.text_channels, d_kv=8, d_ff=64, num_layers=2,
-            num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        ))
+        encoder = tiny_t5_encoder(len(tokenizer), config.text_channels)
     vae_state = vae.state_dict()
     for name in ("quantizer", "quantize"):
         vae_state[f"{name}.lfq.mask"] = vae.quantizer.lfq.mask.clone()

@@ -762,37 +762,46 @@ class LlamaGenStudent(ARStudent):
 # Tiny replica
 
 
+def tiny_t5_tokenizer(corpus: list[str], max_length: int):
+    """A word-level tokenizer trained on `corpus` with T5's special ids (pad 0, </s> 1, unk 2) and `</s>`
+    appended, standing in for flan-t5's SentencePiece model in the tiny replicas."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=max_length)
+
+
+def tiny_t5_encoder(vocab_size: int, d_model: int):
+    """A 2-layer T5EncoderModel of width `d_model` (random init from the current torch seed)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+
+
 def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64) -> dict[str, Path]:
     """A randomly initialised LlamaGen at `tiny` size, saved the way the releases are: t2i.pt and vq.pt
     ({"model": state_dict}) plus a text_encoder/ folder (tiny T5 + a word-level tokenizer trained on
     `corpus`). Same seed, same files. Returns kwargs for `LlamaGenStudent.from_paths`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
     if not corpus:
         raise ValueError("build_tiny needs a non-empty corpus to train the tokenizer on")
     gpt_config, vq_config = GPT_SIZES["tiny"], VQ_SIZES["tiny"]
     gpt_config = replace(gpt_config, block_size=(image_size // vq_config.downsample) ** 2)
 
-    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=gpt_config.cls_token_num,
-    )
+    tokenizer = tiny_t5_tokenizer(corpus, gpt_config.cls_token_num)
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         gpt, vq = GPT(gpt_config), VQModel(vq_config)
-        t5_config = T5Config(
-            vocab_size=tok.get_vocab_size(), d_model=gpt_config.caption_dim, d_kv=8, d_ff=64, num_layers=2,
-            num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-        )
-        encoder = T5EncoderModel(t5_config)
+        encoder = tiny_t5_encoder(len(tokenizer), gpt_config.caption_dim)
 
     out = Path(out_dir)
     with atomic_dir(out) as tmp:

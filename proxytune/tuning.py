@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def strip_word(prompt: str, word: str) -> str:
     return " ".join(w for w in prompt.split() if w != word)
 
 
-class Recipe:
+class Recipe(ABC):
     """Shared mechanics; subclasses choose what trains and how a batch's condition is built."""
 
     def __init__(self, student: ARStudent, cfg: TuneConfig):
@@ -133,8 +134,13 @@ class Recipe:
         return contextlib.nullcontext()
 
     # -- training
+    @abstractmethod
+    def setup(self, data: TuningData) -> None:
+        """Freeze the student, mark what trains, cache conditions, build the optimizer."""
+
+    @abstractmethod
     def batch_loss(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Losses for the examples `idx` ('loss' is the one optimised)."""
 
     def train_step(self) -> dict[str, float]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -151,9 +157,9 @@ class Recipe:
         return totals
 
     # -- output
+    @abstractmethod
     def save(self, out_dir: Path) -> list[str]:
         """Write what was learned; returns the file/folder names written."""
-        raise NotImplementedError
 
 
 class ProxyTuning(Recipe):
