@@ -7,7 +7,7 @@ export PATH := $(BIN):$(PATH)
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 PREFECT_URL ?= http://127.0.0.1:4200/api
 
-.PHONY: demo test bench install prefect-server serve mlflow-ui
+.PHONY: demo test bench world install prefect-server serve mlflow-ui
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(VENV)/.installed-dev
 # Every bench/*_bench.py runs; each writes its figures to bench/results/<name>.json and prints them.
 bench: $(VENV)/.installed-dev
 	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
+
+# Re-create the shipped world-pretrained models (models/world) from seed 0: about 45 min on a 2-core CPU.
+world: $(VENV)/.installed
+	$(PY) -m proxytune.world_pretrain --out models/world
 
 prefect-server: $(VENV)/.installed
 	$(BIN)/prefect server start

@@ -44,6 +44,8 @@ class GPTConfig:
 
 GPT_SIZES: dict[str, GPTConfig] = {
     "tiny": GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=512, caption_dim=32, cls_token_num=16),
+    # Pretrained on the miniature world (proxytune.world_pretrain): room for its longest captions.
+    "world": GPTConfig(dim=128, n_layer=4, n_head=4, vocab_size=512, caption_dim=32, cls_token_num=24),
     "B": GPTConfig(dim=768, n_layer=12, n_head=12),  # 111M
     "L": GPTConfig(dim=1024, n_layer=24, n_head=16),  # 343M
     "XL": GPTConfig(dim=1280, n_layer=36, n_head=20),  # 775M, the released t2i model
@@ -278,6 +280,8 @@ class VQConfig:
 
 VQ_SIZES: dict[str, VQConfig] = {
     "tiny": VQConfig(codebook_size=512, ch=32, ch_mult=(1, 2, 2, 4), z_channels=32),
+    # The miniature world's tokenizer (proxytune.world): 4x downsampling, so a 32 px image is 8x8 codes.
+    "world": VQConfig(codebook_size=512, ch=32, ch_mult=(1, 2, 2), z_channels=32, num_res_blocks=1),
     "VQ-8": VQConfig(ch_mult=(1, 2, 2, 4)),
     "VQ-16": VQConfig(ch_mult=(1, 1, 2, 2, 4)),
 }
@@ -787,13 +791,14 @@ def tiny_t5_encoder(vocab_size: int, d_model: int):
     ))
 
 
-def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64) -> dict[str, Path]:
-    """A randomly initialised LlamaGen at `tiny` size, saved the way the releases are: t2i.pt and vq.pt
+def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64,
+               size: str = "tiny", vq_size: str = "tiny") -> dict[str, Path]:
+    """A randomly initialised LlamaGen at `size` / `vq_size` (small ones: tiny, world), saved the way the releases are: t2i.pt and vq.pt
     ({"model": state_dict}) plus a text_encoder/ folder (tiny T5 + a word-level tokenizer trained on
     `corpus`). Same seed, same files. Returns kwargs for `LlamaGenStudent.from_paths`."""
     if not corpus:
         raise ValueError("build_tiny needs a non-empty corpus to train the tokenizer on")
-    gpt_config, vq_config = GPT_SIZES["tiny"], VQ_SIZES["tiny"]
+    gpt_config, vq_config = _pick(GPT_SIZES, size, "GPT"), _pick(VQ_SIZES, vq_size, "VQ")
     gpt_config = replace(gpt_config, block_size=(image_size // vq_config.downsample) ** 2)
 
     tokenizer = tiny_t5_tokenizer(corpus, gpt_config.cls_token_num)

@@ -373,7 +373,7 @@ def _tiny_clip_config(image_size: int) -> dict:
     """open_clip model-config JSON (the ViT-B-32 layout, shrunk)."""
     return {
         "embed_dim": 32,
-        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "patch_size": 16},
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 64, "patch_size": image_size // 4},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
     }
 
@@ -399,7 +399,7 @@ def build_tiny_evaluators(out_dir: str | os.PathLike, seed: int = 0, image_size:
     with atomic_dir(out) as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vit_config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                               intermediate_size=192, image_size=image_size, patch_size=16)
+                               intermediate_size=192, image_size=image_size, patch_size=image_size // 4)
         ViTModel(vit_config, add_pooling_layer=False).save_pretrained(tmp / "dino")
         ViTImageProcessor(size={"height": image_size, "width": image_size},
                           image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD

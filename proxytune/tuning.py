@@ -68,7 +68,7 @@ class TuneConfig:
     # two_stage
     embedding_steps: int = 1500
     embedding_lr: float = 1e-2
-    stage2: str = "lora"  # "lora" on Q/K/V, or "qkv": Q/K/V tuned in full
+    stage2: str = "lora"  # "lora" on Q/K/V, "qkv": Q/K/V tuned in full, "none": embedding only (steps ignored)
     image_tokens: bool = True  # one S_i token per reference image, mixed 1:1 with plain prompts
     # arbooth
     prefix_tokens: int = 4
@@ -209,8 +209,10 @@ class TwoStage(Recipe):
         elif self.cfg.stage2 == "qkv":
             qkv = set(self.student.parameter_groups()["attn_qkv"])
             self.stage2_params = [p for n, p in self.student.named_parameters() if n in qkv]
+        elif self.cfg.stage2 == "none":  # the embedding-only baseline (textual inversion) Sun et al. compare with
+            self.stage2_params = []
         else:
-            raise ValueError(f"two_stage.stage2 must be 'lora' or 'qkv', got {self.cfg.stage2!r}")
+            raise ValueError(f"two_stage.stage2 must be 'lora', 'qkv' or 'none', got {self.cfg.stage2!r}")
         table.requires_grad_(True)  # peft freezes what it does not wrap
         for p in self.stage2_params:
             p.requires_grad_(False)  # until stage 2
@@ -245,6 +247,8 @@ class TwoStage(Recipe):
         rows = self.embedding.detach()[self.token_ids].contiguous()
         save_file({"text_embedding": rows}, str(out_dir / IDENTIFIERS_FILE),
                   metadata={"tokens": json.dumps(self.words)})
+        if self.cfg.stage2 == "none":
+            return [IDENTIFIERS_FILE]
         if self.cfg.stage2 == "lora":
             self.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
             return [IDENTIFIERS_FILE, ADAPTER_DIR]

@@ -650,15 +650,24 @@ def _image_seeds(n: int, seed: int, purpose: str) -> list[int]:
     return [int(s) for s in _rng(seed, purpose).integers(0, 2**31, n)]
 
 
+def reference_spec(subject: Spec) -> Spec:
+    """What a reference photo shows: the subject alone on the neutral backdrop."""
+    return replace(subject, scene=None, accessory=None, property=None)
+
+
+def reference_seeds(n: int, seed: int) -> list[int]:
+    """The image seeds of a subject's `n` reference photos (each gives its own pose and backdrop noise)."""
+    return _image_seeds(n, seed, "references")
+
+
 def subject_references(subject: Spec, n: int = 4, seed: int = 0, out_dir: str | Path = "data/world_subject",
                        size: int = 64) -> list[Path]:
     """Write `n` reference photos of `subject` (neutral backdrop, varied pose) as `00.jpg`... into `out_dir`,
     atomically: the folder of photos `tasks/prepare.py` reads as `subject.images`."""
-    plain = replace(subject, scene=None, accessory=None, property=None)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        for i, s in enumerate(_image_seeds(n, seed, "references")):
-            render(plain, s, size).save(tmp / f"{i:02d}.jpg", quality=95)
+        for i, s in enumerate(reference_seeds(n, seed)):
+            render(reference_spec(subject), s, size).save(tmp / f"{i:02d}.jpg", quality=95)
     return [out_dir / f"{i:02d}.jpg" for i in range(n)]
 
 

@@ -234,7 +234,7 @@ def pretrain_dino(dataset, out_dir, steps: int, seed: int = 0, batch_size: int =
     with atomic_dir(out_dir) as tmp, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the same initialisation as build_tiny_evaluators
         config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=192,
-                           image_size=data.size, patch_size=16)
+                           image_size=data.size, patch_size=data.size // 4)
         model = ViTModel(config, add_pooling_layer=False)
         heads = torch.nn.ModuleDict({k: torch.nn.Linear(config.hidden_size, n) for k, (_, n) in labels.items()})
         model.train()
@@ -278,7 +278,7 @@ def _vq_loss(vq, x: torch.Tensor, beta: float = 0.25, idle: torch.Tensor | None 
             idle += codes.numel()
             idle[codes.unique()] = 0
             dead = (idle >= DEAD_AFTER * len(idle)).nonzero().squeeze(1)
-            latents = z.permute(0, 2, 3, 1).flatten(0, 2)
+            latents = z.permute(0, 2, 3, 1).flatten(0, 2).float()
             vq.quantize.embedding.weight[dead] = latents[torch.randint(0, len(latents), (len(dead),),
                                                                        generator=generator)]
             idle[dead] = 0
@@ -306,7 +306,7 @@ def _init_codebook(vq, data: WorldData, generator: torch.Generator, batch_size: 
 
 def pretrain_llamagen(dataset, out_dir, steps: int, vq_steps: int, seed: int = 0, batch_size: int = 32,
                       lr: float = 1e-3, vq_lr: float = 1e-3, cond_dropout: float = 0.1,
-                      autocast: bool = False) -> list[dict]:
+                      autocast: bool = False, size: str = "tiny", vq_size: str = "tiny") -> list[dict]:
     """The tiny LlamaGen of `ar_models.llamagen.build_tiny`: the VQ first trains as an autoencoder for `vq_steps`
     (0 keeps its random weights), then the GPT learns the world's (caption, codes) pairs with `student.loss`
     (caption dropout 10%, so classifier-free guidance works). Writes t2i.pt / vq.pt ({"model": state_dict}) and
@@ -318,8 +318,9 @@ def pretrain_llamagen(dataset, out_dir, steps: int, vq_steps: int, seed: int = 0
     data = load_world(dataset)
     history: list[dict] = []
     with atomic_dir(out_dir) as tmp, torch.random.fork_rng(devices=[]):
-        paths = llamagen.build_tiny(tmp / ".init", _corpus(data), seed=seed, image_size=data.size)
-        student = llamagen.LlamaGenStudent.from_paths(**paths, image_size=data.size)
+        paths = llamagen.build_tiny(tmp / ".init", _corpus(data), seed=seed, image_size=data.size, size=size,
+                                    vq_size=vq_size)
+        student = llamagen.LlamaGenStudent.from_paths(**paths, image_size=data.size, size=size, vq_size=vq_size)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         fixed = torch.arange(min(batch_size, len(data.rows)))
@@ -430,45 +431,72 @@ def pretrain_supervisor(dataset, out_dir, steps: int, vae_steps: int, seed: int 
     return history
 
 
-# ------------------------------------------------------------------------------------------------- all four
+# ------------------------------------------------------------------------------------------------- the driver
 
-# Seconds per optimisation step at 64 px, batch 32, one torch thread on this 2-core CPU (measured with this
-# module's defaults, steps 2-4 of a 4-step run). `plan_steps` turns a time budget into fixed step counts with them,
-# so the same budget always trains the same steps (reproducible) and a slower machine overruns rather than
-# training less. The VQ is by far the dearest step (full-resolution convolutions in encoder and decoder).
-SECONDS_PER_STEP = {"clip": 0.17, "dino": 0.035, "vq": 4.7, "gpt": 0.12, "vae": 1.1, "unet": 1.1}
-# Share of the budget per phase: the autoencoders gate everything the generators can show, and the VQ is 40x
-# dearer per step than the GPT; the evaluators learn fast (a few hundred steps separate the world's attributes).
-BUDGET_SHARES = {"clip": 0.10, "dino": 0.05, "vq": 0.25, "gpt": 0.15, "vae": 0.15, "unet": 0.25}
-DATASET_SECONDS_PER_IMAGE = 0.015  # world.render at 64 px
-DATASET_SHARE = 0.05
-MAX_IMAGES = 8000  # 100 MB of 64 px uint8 in memory; more images than the steps can visit is waste
+# The shipped models/world weights: fixed step counts (not a time budget, so the same seed gives the same
+# weights on any machine), sized to finish within 45 minutes on this 2-core CPU with the two groups in parallel
+# (seconds per step at 32 px, batch 32, bf16 autocast, one thread: vq 0.43, gpt 0.49, vae 0.26, unet 0.73,
+# clip 0.18, dino 0.05).
+PLAN = {"images": 6000, "image_size": 32, "clip": 1500, "dino": 3000, "vq": 1500, "gpt": 3000,
+        "vae": 800, "unet": 2400}
+# Each group runs in its own process (one torch thread each), so the two cores train two models at once.
+GROUPS = {"llamagen": ("vq", "gpt"), "supervisor": ("vae", "unet"), "evaluators": ("clip", "dino")}
 
 
-def plan_steps(budget_minutes: float) -> dict[str, int]:
-    """Step counts per phase that fit `budget_minutes` (a share each, after the dataset's), plus dataset size."""
-    if not 0 < budget_minutes <= 60:
-        raise ProxytuneError(f"world pretraining: budget_minutes must be in (0, 60], got {budget_minutes!r}")
-    total = budget_minutes * 60
-    plan = {k: max(1, int(total * BUDGET_SHARES[k] / SECONDS_PER_STEP[k])) for k in BUDGET_SHARES}
-    plan["images"] = min(MAX_IMAGES, max(64, int(total * DATASET_SHARE / DATASET_SECONDS_PER_IMAGE)))
-    return plan
+def pretrain_group(group: str, dataset, out_dir, plan: dict, seed: int = 0) -> list[dict]:
+    """Train one GROUPS entry on the dataset into out_dir/<group> (the layout params.yaml points at)."""
+    out = Path(out_dir)
+    if group == "llamagen":
+        return pretrain_llamagen(dataset, out / "llamagen", plan["gpt"], plan["vq"], seed, autocast=True,
+                                 size="world", vq_size="world")
+    if group == "supervisor":
+        return pretrain_supervisor(dataset, out / "supervisor", plan["unet"], plan["vae"], seed, autocast=True)
+    if group == "evaluators":
+        return (pretrain_clip(dataset, out / "evaluators" / "clip", plan["clip"], seed, autocast=True)
+                + pretrain_dino(dataset, out / "evaluators" / "dino", plan["dino"], seed, autocast=True))
+    raise ProxytuneError(f"world pretraining: group {group!r} is not one of {tuple(GROUPS)}")
 
 
-def pretrain_all(out_dir, budget_minutes: float = 60, seed: int = 0, image_size: int = 64) -> dict:
-    """A sketch of the DVC stage: write the world dataset, then pretrain the four models within `budget_minutes`
-    (split by `plan_steps`) into out_dir/{supervisor, llamagen, evaluators/clip, evaluators/dino}, the layout
-    of models/tiny. Returns {"plan", "history": {model: rows}}."""
+def main(argv: list[str] | None = None) -> None:
+    """`python -m proxytune.world_pretrain --out models/world`: write the dataset, then train the groups in
+    parallel processes; each group's loss history goes to out/history/<group>.jsonl."""
+    import argparse
+    import subprocess
+    import sys
+
+    from proxytune.io import write_jsonl
     from proxytune.world import write_dataset
 
-    plan = plan_steps(budget_minutes)
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        data = write_dataset(tmp / "world", plan["images"], seed, size=image_size)
-        history = {
-            "clip": pretrain_clip(data, tmp / "evaluators" / "clip", plan["clip"], seed),
-            "dino": pretrain_dino(data, tmp / "evaluators" / "dino", plan["dino"], seed),
-            "llamagen": pretrain_llamagen(data, tmp / "llamagen", plan["gpt"], plan["vq"], seed),
-            "supervisor": pretrain_supervisor(data, tmp / "supervisor", plan["unet"], plan["vae"], seed),
-        }
-    return {"plan": plan, "history": history}
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", default="models/world")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group", choices=GROUPS, help="train only this group (what each worker process runs)")
+    parser.add_argument("--dataset", help="an existing world dataset folder (default: write one into a temp dir)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.group:
+        torch.set_num_threads(1)
+        start = time.perf_counter()
+        history = pretrain_group(args.group, args.dataset, out, PLAN, args.seed)
+        (out / "history").mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / "history" / f"{args.group}.jsonl", history)
+        print(f"{args.group}: {time.perf_counter() - start:.0f} s")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        dataset = args.dataset or write_dataset(Path(scratch) / "world", PLAN["images"], args.seed,
+                                                size=PLAN["image_size"])
+        workers = [subprocess.Popen([sys.executable, "-m", "proxytune.world_pretrain", "--out", str(out),
+                                     "--seed", str(args.seed), "--group", g, "--dataset", str(dataset)])
+                   for g in ("llamagen", "supervisor")]
+        if workers[1].wait() == 0:  # the evaluators are cheap: they follow the supervisor on its core
+            workers.append(subprocess.Popen([sys.executable, "-m", "proxytune.world_pretrain", "--out", str(out),
+                                             "--seed", str(args.seed), "--group", "evaluators",
+                                             "--dataset", str(dataset)]))
+        codes = [w.wait() for w in workers]
+    if any(codes):
+        raise SystemExit(f"world pretraining failed (exit codes {codes})")
+    (out / "plan.json").write_text(json.dumps({"seed": args.seed, **PLAN}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

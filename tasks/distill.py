@@ -28,16 +28,25 @@ PROXIES, REFERENCES = Path("outputs/synthesize"), Path("outputs/prepare")
 OUT = Path("outputs/distill")
 
 
-def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str) -> torch.Tensor:
-    """Codes (N, T) for `files`, reusing any image already encoded by the same tokenizer weights."""
-    folder = cache_dir("codes") / sha256_file(vq_checkpoint)[:16]
+def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str, image_size: int | None = None
+                    ) -> torch.Tensor:
+    """Codes (N, T) for `files`, reusing any image already encoded by the same tokenizer weights. Images of
+    another size than `image_size` (a supervisor at 1024 px, a student at 256) are resized to it first."""
+    folder = cache_dir("codes") / (sha256_file(vq_checkpoint)[:16] + (f"-{image_size}" if image_size else ""))
     folder.mkdir(exist_ok=True)
     keys = [sha256_file(f) for f in files]
     missing = [i for i, k in enumerate(keys) if not (folder / f"{k}.safetensors").is_file()]
+
+    def load(path):
+        img = Image.open(path).convert("RGB")
+        if image_size and img.size != (image_size, image_size):
+            img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.LANCZOS)
+        return img
+
     for start in range(0, len(missing), 16):
         chunk = missing[start:start + 16]
         with torch.inference_mode():
-            codes = student.encode_images(to_tensor([Image.open(files[i]) for i in chunk]))
+            codes = student.encode_images(to_tensor([load(files[i]) for i in chunk]))
         for i, c in zip(chunk, codes):
             with atomic_file(folder / f"{keys[i]}.safetensors") as tmp:
                 save_file({"codes": c.contiguous()}, str(tmp))
@@ -129,8 +138,8 @@ def tune_config(s: dict, seed: int) -> TuneConfig:
         if int(s.get(key, 1)) < 1:
             raise ProxytuneError(f"params: student.{key} must be a positive integer, got {s[key]!r}")
     two, arb = s.get("two_stage", {}), s.get("arbooth", {})
-    if two.get("stage2", "lora") not in ("lora", "qkv"):
-        raise ProxytuneError(f"params: student.two_stage.stage2 must be 'lora' or 'qkv', got {two['stage2']!r}")
+    if two.get("stage2", "lora") not in ("lora", "qkv", "none"):
+        raise ProxytuneError(f"params: student.two_stage.stage2 must be 'lora', 'qkv' or 'none', got {two['stage2']!r}")
     cfg = TuneConfig(
         method=method, steps=int(s["steps"]), batch_size=int(s["batch_size"]), grad_accum=int(s.get("grad_accum", 1)),
         learning_rate=float(s["learning_rate"]), cond_dropout=float(s["cond_dropout"]),
@@ -142,6 +151,8 @@ def tune_config(s: dict, seed: int) -> TuneConfig:
     if method == "two_stage":
         cfg.embedding_steps, cfg.embedding_lr = int(two["embedding_steps"]), float(two["embedding_lr"])
         cfg.stage2, cfg.image_tokens = two["stage2"], bool(two["image_tokens"])
+        if cfg.stage2 == "none":
+            cfg.steps = 0
     if method == "arbooth":
         cfg.prefix_tokens, cfg.prior_weight = int(arb["prefix_tokens"]), float(arb["prior_weight"])
         cfg.tune_groups, cfg.betas = list(arb["tune_groups"]), tuple(float(b) for b in arb["betas"])
@@ -156,14 +167,14 @@ def run(params: dict, log) -> dict:
     cfg = tune_config(s, seed)
     pairs, hashes = training_images(s, seed)
     student = load_student(s)
-    codes = tokenise_cached(student, [f for f, _ in pairs], s["vq_checkpoint"])
+    codes = tokenise_cached(student, [f for f, _ in pairs], s["vq_checkpoint"], int(s["image_size"]))
     data = TuningData(codes=codes, prompts=[p for _, p in pairs], identifier=identifier, class_noun=class_noun)
     if cfg.method == "arbooth":  # ARBooth's scale-wise loss; None for raster students
         data.token_weights = student.scale_token_weights(**s["arbooth"]["scale_weights"])
     if cfg.method == "arbooth" and cfg.prior_weight > 0:
         data.prior_prompt = f"a photo of {class_noun}"
         data.prior_codes = tokenise_cached(student, prior_samples(student, s, data.prior_prompt, seed),
-                                           s["vq_checkpoint"])
+                                           s["vq_checkpoint"], int(s["image_size"]))
     recipe = build_recipe(student, cfg)
     try:
         recipe.setup(data)

@@ -138,7 +138,7 @@ def run(params: dict, log) -> dict:
                                                  for k in summary["student"]}
     stats = {"hits": cache.hits, "misses": cache.misses}
 
-    cell = int(get(params, "prepare.resolution"))
+    cell = max(96, int(get(params, "prepare.resolution")))  # small images are enlarged to be seen
     with atomic_dir(OUT) as tmp:
         for name, images in generated.items():
             (tmp / name).mkdir()

@@ -19,7 +19,7 @@ import yaml  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows"]
+PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows", "models/world"]
 
 # Small but real settings: every stage trains/samples a few steps so the suite stays fast.
 FAST = {
@@ -89,7 +89,7 @@ def project(tmp_path, built_models, monkeypatch) -> Path:
     """A fresh project folder (cwd) with the tiny models in place and isolated MLflow/Prefect stores."""
     root = copy_project(tmp_path / "proj")
     for name in ("models", "data"):
-        shutil.copytree(built_models / name, root / name)
+        shutil.copytree(built_models / name, root / name, dirs_exist_ok=True)
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.setenv("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))
@@ -109,7 +109,7 @@ def staged(tmp_path_factory, built_models) -> Path:
 
     root = copy_project(tmp_path_factory.mktemp("staged-through-synthesize"))
     for name in ("models", "data"):
-        shutil.copytree(built_models / name, root / name)
+        shutil.copytree(built_models / name, root / name, dirs_exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))

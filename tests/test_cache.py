@@ -230,7 +230,7 @@ def test_restamp_with_new_key(project):
     params = load_params()
     old = stage_key("prepare", params)
     write_stamp("prepare", old)
-    params["prepare"]["resolution"] = 32
+    params["prepare"]["resolution"] += 16
     new = stage_key("prepare", params)
     assert new != old
     assert not outputs_current("prepare", new)

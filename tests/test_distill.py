@@ -118,7 +118,7 @@ def test_each_method_runs_as_the_stage_and_reloads(synthesized, log, method):
     assert result["files"] == (["identifiers.safetensors", "adapter"] if method == "two_stage"
                                else ["identifiers.safetensors", "tuned_weights.safetensors"])
     images = load_tuned("outputs/distill", s).generate(["a sks toy on the beach"], seed=0)
-    assert images.shape == (1, 3, 64, 64)
+    assert images.shape == (1, 3, s["image_size"], s["image_size"])
     if method == "arbooth":  # the prior samples are rendered once and then reused
         prior = list((Path(".proxytune/cache/prior")).glob("*/*.png"))
         assert len(prior) == 2

@@ -150,7 +150,7 @@ def test_loaders_tolerate_only_known_extras(paths, tmp_path):
 
 
 def test_unknown_size_names_error(paths):
-    with pytest.raises(ValueError, match=r"'huge'.*tiny, B, L, XL, XXL, XXXL"):
+    with pytest.raises(ValueError, match=r"'huge'.*tiny, world, B, L, XL, XXL, XXXL"):
         LlamaGenStudent.from_paths(**paths, size="huge", image_size=SIZE)
     with pytest.raises(ValueError, match=r"'VQ-32'.*VQ-16"):
         LlamaGenStudent.from_paths(**paths, vq_size="VQ-32", image_size=SIZE)

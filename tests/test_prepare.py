@@ -141,13 +141,15 @@ def test_odd_modes_become_rgb(project, log, tmp_path):
     rows = read_jsonl(OUT / "captions.jsonl")
     assert [r["source"] for r in rows] == sorted(p.name for p in folder.iterdir())
 
-    def px(i, xy=(32, 32)):
+    res = int(load_params()["prepare"]["resolution"])
+
+    def px(i, xy=(res // 2, res // 2)):
         with Image.open(OUT / f"instance/{i:02d}.png") as im:
-            assert im.mode == "RGB" and im.size == (64, 64)
+            assert im.mode == "RGB" and im.size == (res, res)
             return np.array(im.getpixel(xy))
 
-    assert np.abs(px(0, (32, 5)) - (200, 0, 0)).max() <= 3       # RGBA opaque part keeps its colour
-    assert np.abs(px(0, (32, 60)) - (255, 255, 255)).max() <= 3  # transparent part -> white, not black
+    assert np.abs(px(0, (res // 2, 2)) - (200, 0, 0)).max() <= 3             # RGBA opaque part keeps its colour
+    assert np.abs(px(0, (res // 2, res - 3)) - (255, 255, 255)).max() <= 3  # transparent part -> white, not black
     assert np.abs(px(1) - (0, 0, 255)).max() <= 3                # palette
     assert np.abs(px(2) - (128, 128, 128)).max() <= 3            # greyscale
     assert np.abs(px(3) - (60, 60, 60)).max() <= 3               # greyscale + alpha

@@ -139,13 +139,31 @@ def test_same_seed_same_weights(trained, dataset, tmp_path, name):
         assert config["scaling_factor"] == json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
 
 
-def test_bad_dataset_and_budget_are_one_line_errors(tmp_path):
+def test_bad_dataset_and_group_are_one_line_errors(tmp_path, dataset):
     with pytest.raises(ProxytuneError) as err:
         world_pretrain.pretrain_dino(tmp_path, tmp_path / "out", steps=1)
     assert_one_line(err, "captions.jsonl")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ProxytuneError) as err:
-        world_pretrain.plan_steps(90)
-    assert_one_line(err, "budget_minutes")
-    plan = world_pretrain.plan_steps(60)
-    assert set(plan) == {"clip", "dino", "vq", "gpt", "vae", "unet", "images"} and min(plan.values()) >= 1
+        world_pretrain.pretrain_group("vae", dataset, tmp_path / "out", world_pretrain.PLAN)
+    assert_one_line(err, "group 'vae'")
+
+
+def test_the_shipped_world_models_load_through_the_pipeline_loaders():
+    """models/world is what params.yaml points at: each part loads with the loader a real checkpoint uses."""
+    from conftest import REPO
+
+    from proxytune.diffusion import load_pipeline
+    from proxytune.params import load_params
+
+    params = load_params(REPO / "params.yaml")
+    student = dict(params["student"], device="cpu")
+    for key in ("checkpoint", "vq_checkpoint", "text_encoder"):
+        student[key] = str(REPO / student[key])
+    assert load_student(student).generate(["a red ball on the beach"], seed=0).shape == (1, 3, 32, 32)
+    assert load_pipeline(str(REPO / params["supervisor"]["model"])).vae.config.sample_size == 32
+    e = params["evaluate"]
+    DinoEmbedder(REPO / e["dino"])
+    ClipEmbedder(e["clip_model"], REPO / e["clip_pretrained"], config_dir=REPO / e["clip_config_dir"])
+    plan = json.loads((REPO / "models/world/plan.json").read_text())
+    assert {k: v for k, v in plan.items() if k != "seed"} == world_pretrain.PLAN

@@ -1,0 +1,220 @@
+"""The papers' claims, measured in the miniature world (issue 8).
+
+For each world subject (`world.make_subject`) and seed, the real stages run in a work folder of their own:
+prepare the subject's 4 reference renders, DreamBooth the world-pretrained supervisor, synthesise proxies; then
+every *arm* (a way to personalise the student, or a reference point) draws the evaluation prompts and is scored
+with the world's DINO / CLIP-I / CLIP-T, plus PRES (the class prompt's drift toward the subject) for students:
+
+    untuned           the pretrained student, prompted with the identifier it has never seen (floor, claim d)
+    world             the world's own renders of the subject in each prompt's context (ceiling, claim d)
+    supervisor        the DreamBooth supervisor (claim a: weak-to-strong)
+    proxy_tuning      the student tuned on the supervisor's proxies (claim a)
+    references        the student tuned directly on the 4 references (claim a)
+    embedding_only    Sun et al.'s stage 1 alone: the identifier embedding (claim b)
+    two_stage         Sun et al.'s two stages (claim b)
+    arbooth_no_prior  ARBooth without prior distillation (claim c)
+    arbooth           ARBooth with prior distillation (claim c)
+
+Arms differ from the base params only in `student` settings, so one supervisor and one proxy set serve all of
+a (subject, seed)'s arms; its work folder keeps a grid.png of what each arm drew (the evaluation prompts, then
+the class prompt for PRES). `table` reduces the rows to mean +- spread, where the spread is the standard deviation
+over seeds of the per-seed mean across subjects: the seed-to-seed spread the claims must beat.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from proxytune import metrics, reports, world
+from proxytune.images import to_pil
+from proxytune.io import read_jsonl
+from proxytune.prompts import EVAL_PROMPTS
+from proxytune.tuning import load_tuned
+
+# Per arm: the `student` settings it changes (None: not a tuned student).
+ARMS: dict[str, dict | None] = {
+    "untuned": None,
+    "world": None,
+    "supervisor": None,
+    "proxy_tuning": {"method": "proxy_tuning", "data": "proxies"},
+    "references": {"method": "proxy_tuning", "data": "references"},
+    "embedding_only": {"method": "two_stage", "data": "references", "two_stage": {"stage2": "none"}},
+    "two_stage": {"method": "two_stage", "data": "references", "two_stage": {"stage2": "lora"}},
+    "arbooth_no_prior": {"method": "arbooth", "data": "proxies", "arbooth": {"prior_weight": 0.0}},
+    "arbooth": {"method": "arbooth", "data": "proxies"},
+}
+STUDENT_ARMS = ("untuned", *(a for a, s in ARMS.items() if s))
+METRICS = ("dino", "clip_i", "clip_t", "clip_t_scenes", "pres")
+SCENE_PROMPTS = tuple(t for t in EVAL_PROMPTS if world.apply_template(world.make_subject(0), t).scene)
+REFERENCE_SEED = 0  # the subject's photos stay the same across seeds: seeds vary training and sampling
+
+
+@dataclass
+class ClaimsConfig:
+    subjects: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arms: tuple[str, ...] = tuple(ARMS)
+    images_per_prompt: int = 2
+    pres_images: int = 4
+
+
+class _NoLog:
+    """The stages log to MLflow through this interface; claims runs keep their numbers in the table instead."""
+
+    def metrics(self, values, step=None):
+        pass
+
+    def artifact(self, path, folder=None):
+        pass
+
+
+def _merge(base: dict, change: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in change.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def _absolute(params: dict, root: Path) -> dict:
+    """Model paths relative to the project become absolute, so the stages can run in a work folder."""
+    out = copy.deepcopy(params)
+    for section, keys in {"supervisor": ["model"], "student": ["checkpoint", "vq_checkpoint", "text_encoder"],
+                          "evaluate": ["dino", "clip_pretrained", "clip_config_dir"]}.items():
+        for key in keys:
+            value = out[section].get(key)
+            if value and (root / str(value)).exists():
+                out[section][key] = str((root / str(value)).resolve())
+    return out
+
+
+@contextmanager
+def _inside(folder: Path, root: Path):
+    """cwd = `folder`, laid out like the project (its code, dvc.yaml and models linked), as the stages expect."""
+    from tasks.subject import LINKED
+
+    cwd = os.getcwd()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in LINKED:
+        if (root / name).exists() and not (folder / name).exists():
+            (folder / name).symlink_to((root / name).resolve())
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+def subject_params(base: dict, index: int, seed: int, root: Path, work: Path) -> dict:
+    """The base params for world subject `index` at `seed`, its reference photos written into `work`."""
+    subject = world.make_subject(index)
+    size = int(base["prepare"]["resolution"])
+    images = work / "references"
+    if not images.is_dir():
+        world.subject_references(subject, 4, REFERENCE_SEED, images, size)
+    params = _absolute(base, root)
+    params["seed"] = seed
+    params["subject"] = {**params["subject"], "name": f"world_{index}", "images": str(images.resolve()),
+                         "class_noun": subject.class_noun}
+    params["evaluate"] = {**params["evaluate"], "prompts": "heldout", "prompts_per_model": 0}
+    return params
+
+
+def _sampling(params: dict) -> dict:
+    e = params["evaluate"]
+    return {"cfg_scale": float(e["cfg_scale"]), "temperature": float(e["temperature"]), "top_k": int(e["top_k"]),
+            "top_p": float(e["top_p"]), "seed": int(params["seed"])}
+
+
+def _arm_images(arm: str, params: dict, prompts: list[str], templates: list[str]) -> list[Image.Image]:
+    """What `arm` draws for `prompts` (distill has already run for tuned arms)."""
+    from ar_models import load_student
+    from tasks.evaluate import supervisor_samples
+
+    if arm == "world":
+        subject = world.make_subject(int(params["subject"]["name"].split("_")[1]))
+        size = int(params["prepare"]["resolution"])
+        return [world.render(world.apply_template(subject, t), int(params["seed"]) * 7919 + i, size)
+                for i, t in enumerate(templates)]
+    if arm == "supervisor":
+        return supervisor_samples(params, prompts)
+    model = load_student(params["student"]) if arm == "untuned" else load_tuned("outputs/distill", params["student"])
+    with torch.inference_mode():
+        return to_pil(model.generate(prompts, **_sampling(params)))
+
+
+def run_subject_seed(base: dict, index: int, seed: int, config: ClaimsConfig, root: Path, work: Path) -> list[dict]:
+    """Every arm of `config` for one (subject, seed): one row per arm with its mean scores."""
+    from tasks import distill, prepare, supervise, synthesize
+    from tasks.evaluate import class_prompt, load_evaluators
+
+    work = work.resolve()
+    params = subject_params(base, index, seed, root, work)
+    rows = []
+    with _inside(work, root):
+        for stage in (prepare, supervise, synthesize):
+            stage.run(params, _NoLog())
+        cache, dino, clip, _ = load_evaluators(params, [])
+        refs = [Image.open(Path("outputs/prepare") / r["file"]).convert("RGB")
+                for r in read_jsonl(Path("outputs/prepare/captions.jsonl"))]
+        identifier, noun = params["subject"]["identifier"], params["subject"]["class_noun"]
+        templates = [t for t in EVAL_PROMPTS for _ in range(config.images_per_prompt)]
+        prompts = [t.format(f"{identifier} {noun}") for t in templates]
+        shown = {"references": refs}
+        for arm in config.arms:
+            arm_params = _merge(params, {"student": ARMS[arm]}) if ARMS.get(arm) else params
+            if ARMS.get(arm):
+                distill.run(arm_params, _NoLog())
+            asked = prompts + ([class_prompt(params)] * config.pres_images if arm in STUDENT_ARMS else [])
+            images = _arm_images(arm, arm_params, asked, templates)
+            clean = [metrics.strip_identifier(p, identifier) for p in prompts]
+            scored = metrics.prompt_scores(images[: len(prompts)], clean, refs, dino, clip)
+            scenes = [r for r, t in zip(scored, dict.fromkeys(templates)) if t in SCENE_PROMPTS]
+            row = {"subject": index, "seed": seed, "arm": arm, **metrics.summarize(scored),
+                   "clip_t_scenes": metrics.summarize(scenes)["clip_t"]}
+            shown[arm] = images[: len(prompts): config.images_per_prompt] + images[len(prompts):]
+            if arm in STUDENT_ARMS and config.pres_images:
+                row["pres"] = metrics.pres_score(images[len(prompts):], refs, dino)
+            rows.append({k: row.get(k) for k in ("subject", "seed", "arm", *METRICS)})
+        reports.image_grid(shown, cell=64).save("grid.png")
+    return rows
+
+
+def run(base: dict, config: ClaimsConfig, root: Path, work: Path) -> pd.DataFrame:
+    """All subjects x seeds x arms; one row per (subject, seed, arm)."""
+    rows = []
+    for index in config.subjects:
+        for seed in config.seeds:
+            rows += run_subject_seed(base, index, seed, config, root, work / f"subject{index}-seed{seed}")
+    return pd.DataFrame(rows)
+
+
+def per_seed(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean over subjects for each (arm, seed): the unit whose spread the claims are judged against."""
+    return rows.groupby(["arm", "seed"], sort=False)[list(METRICS)].mean().reset_index()
+
+
+def table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: mean and spread (std over seeds of the per-seed means) of each metric."""
+    seeds = per_seed(rows).groupby("arm", sort=False)[list(METRICS)]
+    mean, spread = seeds.mean(), seeds.std(ddof=0)
+    return pd.concat({"mean": mean, "spread": spread}, axis=1)
+
+
+def markdown(rows: pd.DataFrame) -> str:
+    """The claims table: one line per arm, `mean ± spread` per metric (— where a metric does not apply)."""
+    t = table(rows)
+    lines = ["| arm | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for arm in t.index:
+        cells = []
+        for m in METRICS:
+            mean, spread = t.loc[arm, ("mean", m)], t.loc[arm, ("spread", m)]
+            cells.append("—" if pd.isna(mean) else f"{mean:.3f} ± {spread:.3f}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
