@@ -166,7 +166,7 @@ def run_subject_seed(base: dict, index: int, seed: int, config: ClaimsConfig, ro
         identifier, noun = params["subject"]["identifier"], params["subject"]["class_noun"]
         templates = [t for t in EVAL_PROMPTS for _ in range(config.images_per_prompt)]
         prompts = [t.format(f"{identifier} {noun}") for t in templates]
-        shown = {"references": refs}
+        shown = {"photos": refs}
         for arm in config.arms:
             arm_params = _merge(params, {"student": ARMS[arm]}) if ARMS.get(arm) else params
             if ARMS.get(arm):

@@ -127,6 +127,22 @@ def test_each_method_runs_as_the_stage_and_reloads(synthesized, log, method):
         assert [p.stat().st_mtime_ns for p in prior] == mtimes
 
 
+def test_embedding_only_two_stage_trains_just_the_identifier(synthesized, log):
+    """Sun et al.'s stage-1-only baseline: `stage2: none` runs embedding_steps and saves only the embeddings."""
+    params = load_params()
+    s = params["student"]
+    s.update(method="two_stage", data="references", steps=5)
+    s["two_stage"].update(stage2="none", embedding_steps=3)
+    result = distill.run(params, log)
+    assert result["files"] == ["identifiers.safetensors"]
+    with open("outputs/distill_loss.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3  # student.steps is ignored
+    base, tuned = ar_models.load_student(s), load_tuned("outputs/distill", s)
+    tuned_gpt = dict(tuned.student.gpt.named_parameters())
+    assert all(torch.equal(p, tuned_gpt[n]) for n, p in base.gpt.named_parameters())
+    assert tuned.student.text_embedding.num_embeddings > base.text_embedding.num_embeddings
+
+
 def test_augmented_references_and_extra_subjects(synthesized, log):
     params = load_params()
     s = params["student"]
