@@ -61,7 +61,7 @@ class ClaimsConfig:
     subjects: tuple[int, ...] = (0, 1, 2)
     seeds: tuple[int, ...] = (0, 1, 2)
     arms: tuple[str, ...] = tuple(ARMS)
-    images_per_prompt: int = 2
+    images_per_prompt: int = 4  # DreamBooth's protocol
     pres_images: int = 4
 
 
@@ -171,8 +171,9 @@ def run_subject_seed(base: dict, index: int, seed: int, config: ClaimsConfig, ro
             arm_params = _merge(params, {"student": ARMS[arm]}) if ARMS.get(arm) else params
             if ARMS.get(arm):
                 distill.run(arm_params, _NoLog())
-            asked = prompts + ([class_prompt(params)] * config.pres_images if arm in STUDENT_ARMS else [])
-            images = _arm_images(arm, arm_params, asked, templates)
+            images = _arm_images(arm, arm_params, prompts, templates)
+            if arm in STUDENT_ARMS and config.pres_images:  # its own call: the scored samples do not depend on it
+                images += _arm_images(arm, arm_params, [class_prompt(params)] * config.pres_images, [])
             clean = [metrics.strip_identifier(p, identifier) for p in prompts]
             scored = metrics.prompt_scores(images[: len(prompts)], clean, refs, dino, clip)
             scenes = [r for r, t in zip(scored, dict.fromkeys(templates)) if t in SCENE_PROMPTS]
