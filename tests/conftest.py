@@ -25,7 +25,8 @@ PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", 
 FAST = {
     "supervisor": {"steps": 4, "num_class_images": 2, "sample_steps": 2},
     "synthesize": {"num_images": 4, "sample_steps": 2},
-    "student": {"steps": 4, "batch_size": 2},
+    # the fixtures exercise the proxy path (params.yaml's world default tunes two_stage on the photos)
+    "student": {"steps": 4, "batch_size": 2, "method": "proxy_tuning", "data": "proxies"},
     "evaluate": {"prompts_per_model": 2},
 }
 
