@@ -1,8 +1,9 @@
 """Stage `bootstrap`: build the embedded default, so the pipeline runs with no model hub.
 
 Writes tiny random-init models in their real on-disk formats (a diffusers pipeline folder, LlamaGen's
-official checkpoint layout, Lumina-mGPT's, Janus-Pro's, VAR's and Infinity's released layouts, transformers/open_clip evaluator weights) and the demo subject's photos.
-Real runs ignore these by pointing params.yaml at real weights.
+official checkpoint layout, Lumina-mGPT's, Janus-Pro's, VAR's and Infinity's released layouts, transformers/open_clip
+evaluator weights) and the demo subject's photos (the miniature world's subject 0, which the world-pretrained models
+in models/world, shipped with the project, have never seen). Real runs point params.yaml at real weights.
 """
 from __future__ import annotations
 
