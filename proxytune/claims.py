@@ -132,21 +132,24 @@ def _sampling(params: dict) -> dict:
             "top_p": float(e["top_p"]), "seed": int(params["seed"])}
 
 
-def _arm_images(arm: str, params: dict, prompts: list[str], templates: list[str]) -> list[Image.Image]:
-    """What `arm` draws for `prompts` (distill has already run for tuned arms)."""
+def _drawer(arm: str, params: dict, subject: world.Spec):
+    """`draw(prompts, templates)` for `arm`, its model loaded once (distill has already run for tuned arms)."""
     from ar_models import load_student
     from tasks.evaluate import supervisor_samples
 
     if arm == "world":
-        subject = world.make_subject(int(params["subject"]["name"].split("_")[1]))
-        size = int(params["prepare"]["resolution"])
-        return [world.render(world.apply_template(subject, t), int(params["seed"]) * 7919 + i, size)
-                for i, t in enumerate(templates)]
+        size, seed = int(params["prepare"]["resolution"]), int(params["seed"])
+        return lambda prompts, templates: [world.render(world.apply_template(subject, t), seed * 7919 + i, size)
+                                           for i, t in enumerate(templates)]
     if arm == "supervisor":
-        return supervisor_samples(params, prompts)
+        return lambda prompts, templates: supervisor_samples(params, prompts)
     model = load_student(params["student"]) if arm == "untuned" else load_tuned("outputs/distill", params["student"])
-    with torch.inference_mode():
-        return to_pil(model.generate(prompts, **_sampling(params)))
+
+    def draw(prompts, templates):
+        with torch.inference_mode():
+            return to_pil(model.generate(prompts, **_sampling(params)))
+
+    return draw
 
 
 def run_subject_seed(base: dict, index: int, seed: int, config: ClaimsConfig, root: Path, work: Path) -> list[dict]:
@@ -166,15 +169,16 @@ def run_subject_seed(base: dict, index: int, seed: int, config: ClaimsConfig, ro
         identifier, noun = params["subject"]["identifier"], params["subject"]["class_noun"]
         templates = [t for t in EVAL_PROMPTS for _ in range(config.images_per_prompt)]
         prompts = [t.format(f"{identifier} {noun}") for t in templates]
+        clean = [metrics.strip_identifier(p, identifier) for p in prompts]
         shown = {"photos": refs}
         for arm in config.arms:
             arm_params = _merge(params, {"student": ARMS[arm]}) if ARMS.get(arm) else params
             if ARMS.get(arm):
                 distill.run(arm_params, _NoLog())
-            images = _arm_images(arm, arm_params, prompts, templates)
+            draw = _drawer(arm, arm_params, world.make_subject(index))
+            images = draw(prompts, templates)
             if arm in STUDENT_ARMS and config.pres_images:  # its own call: the scored samples do not depend on it
-                images += _arm_images(arm, arm_params, [class_prompt(params)] * config.pres_images, [])
-            clean = [metrics.strip_identifier(p, identifier) for p in prompts]
+                images += draw([class_prompt(params)] * config.pres_images, [])
             scored = metrics.prompt_scores(images[: len(prompts)], clean, refs, dino, clip)
             scenes = [r for r, t in zip(scored, dict.fromkeys(templates)) if t in SCENE_PROMPTS]
             row = {"subject": index, "seed": seed, "arm": arm, **metrics.summarize(scored),

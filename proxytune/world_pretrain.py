@@ -485,13 +485,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         dataset = args.dataset or write_dataset(Path(scratch) / "world", PLAN["images"], args.seed,
                                                 size=PLAN["image_size"])
-        workers = [subprocess.Popen([sys.executable, "-m", "proxytune.world_pretrain", "--out", str(out),
-                                     "--seed", str(args.seed), "--group", g, "--dataset", str(dataset)])
-                   for g in ("llamagen", "supervisor")]
+        def spawn(group):
+            return subprocess.Popen([sys.executable, "-m", "proxytune.world_pretrain", "--out", str(out),
+                                     "--seed", str(args.seed), "--group", group, "--dataset", str(dataset)])
+
+        workers = [spawn("llamagen"), spawn("supervisor")]
         if workers[1].wait() == 0:  # the evaluators are cheap: they follow the supervisor on its core
-            workers.append(subprocess.Popen([sys.executable, "-m", "proxytune.world_pretrain", "--out", str(out),
-                                             "--seed", str(args.seed), "--group", "evaluators",
-                                             "--dataset", str(dataset)]))
+            workers.append(spawn("evaluators"))
         codes = [w.wait() for w in workers]
     if any(codes):
         raise SystemExit(f"world pretraining failed (exit codes {codes})")
