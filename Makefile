@@ -1,4 +1,5 @@
-# Two commands a user needs: `make demo` and `make test`. Both set up .venv on first use.
+# Two commands a user needs: `make demo` and `make test`. Both set up .venv on first use, with the exact
+# versions in requirements.lock; `make lock` re-resolves that file on purpose (see README, "Dependencies").
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(abspath $(VENV))/bin
@@ -6,41 +7,53 @@ export PATH := $(BIN):$(PATH)
 # Prefect's database and cached results live in the project, so the UI shows the demo's runs.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 PREFECT_URL ?= http://127.0.0.1:4200/api
+LOCK := requirements.lock
+# Install markers are named after the contents of pyproject.toml and the lock, not their dates, so a fresh
+# clone (new mtimes) or another VENV= reinstalls only when the dependencies really changed.
+DEPS_HASH := $(shell cat pyproject.toml $(wildcard $(LOCK)) | sha256sum | cut -c1-12)
 
-.PHONY: demo test bench world install prefect-server serve mlflow-ui
+.PHONY: demo test bench world install lock prefect-server serve mlflow-ui
 
 $(PY):
 	python3 -m venv $(VENV)
 
-# Re-install only when the project's dependencies change.
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e . && touch $@
+$(VENV)/.runtime-$(DEPS_HASH): | $(PY)
+	$(PY) -m pip install --quiet -c $(LOCK) -e . && rm -f $(VENV)/.runtime-* && touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev]' && touch $@
+$(VENV)/.dev-$(DEPS_HASH): $(VENV)/.runtime-$(DEPS_HASH)
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]' && rm -f $(VENV)/.dev-* && touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.runtime-$(DEPS_HASH)
 
-demo: $(VENV)/.installed
+# Resolve every runtime and dev dependency afresh in a throw-away venv and write the exact versions.
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	{ echo "# Exact versions for Python $$(.lock-venv/bin/python -c 'import platform; print(platform.python_version())'),"; \
+	  echo "# resolved by 'make lock' (pip install -e .[dev], then pip freeze). Used as pip constraints."; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^\(pip\|setuptools\|wheel\)=='; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK) && rm -rf .lock-venv
+
+demo: $(VENV)/.runtime-$(DEPS_HASH)
 	$(BIN)/dvc repro
 	$(PY) -m proxytune.summary
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.dev-$(DEPS_HASH)
 	$(PY) -m pytest -q
 
 # Every bench/*_bench.py runs; each writes its figures to bench/results/<name>.json and prints them.
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.dev-$(DEPS_HASH)
 	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
 
 # Re-create the shipped world-pretrained models (models/world) from seed 0: about 45 min on a 2-core CPU.
-world: $(VENV)/.installed
+world: $(VENV)/.runtime-$(DEPS_HASH)
 	$(PY) -m proxytune.world_pretrain --out models/world
 
-prefect-server: $(VENV)/.installed
+prefect-server: $(VENV)/.runtime-$(DEPS_HASH)
 	$(BIN)/prefect server start
 
-serve: $(VENV)/.installed
+serve: $(VENV)/.runtime-$(DEPS_HASH)
 	PREFECT_API_URL=$(PREFECT_URL) $(PY) -m flows.serve
 
-mlflow-ui: $(VENV)/.installed
+mlflow-ui: $(VENV)/.runtime-$(DEPS_HASH)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db

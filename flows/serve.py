@@ -6,6 +6,8 @@ Start a server first (`prefect server start`), point this process at it
 """
 from __future__ import annotations
 
+import argparse
+
 from prefect import serve
 
 from flows.pipeline import STAGES, pipeline
@@ -20,5 +22,11 @@ def deployments():
     return [full, *single]
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__).parse_args(argv)
     serve(*deployments())
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Printed at the end of `make demo`: where every output of the run is, and the headline metrics."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 from proxytune.tracking import tracking_uri
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m proxytune.summary", description=__doc__).parse_args(argv)
     root = Path.cwd()
     metrics = root / "outputs/metrics.json"
     print("\nproxytune demo finished. Outputs:")
@@ -24,6 +26,7 @@ def main() -> None:
         for name in ("supervisor", "student"):
             s = scores[name]
             print(f"  {name:<11}  {s['dino']:.3f}   {s['clip_i']:.3f}   {s['clip_t']:.3f}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -53,14 +53,18 @@ def _run(args, cwd, env):
 
 def test_dvc_repro_then_up_to_date_then_experiment(tmp_path, prefect_server):
     root = copy_project(tmp_path / "proj")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_server,
+    # As after `make demo`: the project's .venv holds the stack, and nothing is activated or on PATH.
+    (root / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())
+    env = {**os.environ, "PATH": path, "PREFECT_API_URL": prefect_server,
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PROXYTUNE_CACHE": str(root / ".cache")}
-    env.pop("PREFECT_HOME", None)
+    for name in ("PREFECT_HOME", "VIRTUAL_ENV", "PROXYTUNE_PYTHON"):
+        env.pop(name, None)
     git = ["git", "-c", "user.email=ci@proxytune", "-c", "user.name=ci"]
     _run(git + ["init", "-q"], root, env)
     _run([str(BIN / "dvc"), "init", "-q"], root, env)
     _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root, env)
-    (root / ".gitignore").write_text("/models/tiny\n/data/demo_subject\n/outputs\n/.proxytune\n/.cache\n/mlflow.db\n/mlartifacts\n/.prefect\n")
+    (root / ".gitignore").write_text("/.venv\n/models/tiny\n/data/demo_subject\n/outputs\n/.proxytune\n/.cache\n/mlflow.db\n/mlartifacts\n/.prefect\n")
 
     first = _run([str(BIN / "dvc"), "repro"], root, env)
     for stage in ("bootstrap", "prepare", "supervise", "synthesize", "distill", "evaluate"):
