@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> str:
     work = Path(tempfile.mkdtemp(prefix="proxytune-claims-"))
     os.environ.setdefault("PROXYTUNE_CACHE", str(work / "cache"))
     start = time.perf_counter()
-    rows = claims.run(load_params(REPO / "params.yaml"), config, REPO, work)
+    rows = claims.run(load_params(REPO / "params.yaml"), config, work)
     minutes = (time.perf_counter() - start) / 60
     text = (f"World subjects {list(config.subjects)}, seeds {list(config.seeds)}; mean ± spread (std over seeds "
             f"of the mean over subjects); {minutes:.0f} min.\n\n{claims.markdown(rows)}\n\n{CLAIMS}\n")

@@ -1,7 +1,9 @@
 """The proxytune flow: bootstrap -> prepare -> supervise -> synthesize -> distill -> evaluate.
 
 Wiring only. Each stage is a cached Prefect task (see `proxytune.stage`); `dvc repro` calls this module
-once per stage with `--stage NAME`, and a user can run the whole chain with no arguments.
+once per stage with `--stage NAME` and the stage's paths (`--prepared outputs/prepare --out ...`, as dvc.yaml's
+`cmd` lists them); a user can run the whole chain with no arguments, or keep its data in another folder
+with `--under DIR`.
 """
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import sys
 from prefect import flow
 from prefect.states import Failed
 
+from proxytune.cache import stage_paths
 from proxytune.params import ProxytuneError, load_params
-from proxytune.stage import is_current
+from proxytune.stage import is_current, resolve_paths
 from tasks.bootstrap import bootstrap_task
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task
@@ -32,18 +35,24 @@ STAGES = list(TASKS)
 
 
 @flow(name="proxytune")
-def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None) -> dict[str, dict]:
-    """Run `stages` (None: all) in pipeline order; a stage whose outputs are stale refreshes its cache.
+def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None, under: str = ".",
+             paths: dict[str, str] | None = None) -> dict[str, dict]:
+    """Run `stages` (None: all) in pipeline order, their data laid out as in dvc.yaml below `under`; `paths`
+    names a single stage's paths explicitly. A stage whose outputs are stale refreshes its cache.
 
     Returns, per stage, its output paths and whether Prefect served it from cache.
     """
     unknown = sorted(set(stages or []) - set(STAGES))
     if unknown:
         raise ProxytuneError(f"unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)})")
+    chosen = STAGES if stages is None else [s for s in STAGES if s in stages]
+    if paths and len(chosen) != 1:
+        raise ProxytuneError("explicit stage paths need exactly one --stage")
     results = {}
-    for stage in STAGES if stages is None else [s for s in STAGES if s in stages]:
-        task = TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file))
-        state = task(params_file, return_state=True)
+    for stage in chosen:
+        where = {k: str(v) for k, v in resolve_paths(stage, paths, under).items()}
+        task = TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file, where))
+        state = task(params_file, where, return_state=True)
         if state.is_failed():  # later stages read this one's outputs: stop here
             return Failed(message=f"stage {stage} failed: {state.message}")
         results[stage] = {"outputs": state.result(), "cached": state.name == "Cached"}
@@ -54,19 +63,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__)
     parser.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--under", default=".", help="keep every stage's data below this folder (default: .)")
+    args, rest = parser.parse_known_args(argv)
     try:
+        paths = _path_flags(parser, rest, args.stage)
         load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
     except ProxytuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    state = pipeline(params_file=args.params, stages=args.stage, return_state=True)
+    state = pipeline(params_file=args.params, stages=args.stage, under=args.under, paths=paths, return_state=True)
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 2
     for stage, result in state.result().items():
         print(f"{stage:<11} {'cached' if result['cached'] else 'ran'}")
     return 0
+
+
+def _path_flags(parser: argparse.ArgumentParser, rest: list[str], stages: list[str] | None) -> dict[str, str]:
+    """A single stage's path arguments (`--loss-csv x.csv` -> {"loss_csv": "x.csv"}), as dvc.yaml names them."""
+    if not rest:
+        return {}
+    if not stages or len(stages) != 1:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (path arguments need exactly one --stage)")
+    flags = argparse.ArgumentParser(prog=f"{parser.prog} --stage {stages[0]}")
+    for name in stage_paths(stages[0]):
+        flags.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    return {name: value for name, value in vars(flags.parse_args(rest)).items() if value is not None}
 
 
 if __name__ == "__main__":

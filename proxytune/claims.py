@@ -1,6 +1,6 @@
-"""The papers' claims, measured in the miniature world (issue 8).
+"""The papers' claims, measured in the miniature world.
 
-For each world subject (`world.make_subject`) and seed, the real stages run in a work folder of their own:
+For each world subject (`world.make_subject`) and seed, the real stages run with their data in a work folder:
 prepare the subject's 4 reference renders, DreamBooth the world-pretrained supervisor, synthesise proxies; then
 every *arm* (a way to personalise the student, or a reference point) draws the evaluation prompts and is scored
 with the world's DINO / CLIP-I / CLIP-T, plus PRES (the class prompt's drift toward the subject) for students:
@@ -23,8 +23,6 @@ over seeds of the per-seed mean across subjects: the seed-to-seed spread the cla
 from __future__ import annotations
 
 import copy
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,8 @@ import torch
 from PIL import Image
 
 from proxytune import metrics, reports, world
+from proxytune.cache import stage_paths
+from proxytune.evaluation import class_prompt, load_evaluators, supervisor_samples
 from proxytune.images import to_pil
 from proxytune.io import read_jsonl
 from proxytune.prompts import EVAL_PROMPTS
@@ -82,43 +82,14 @@ def _merge(base: dict, change: dict) -> dict:
     return out
 
 
-def _absolute(params: dict, root: Path) -> dict:
-    """Model paths relative to the project become absolute, so the stages can run in a work folder."""
-    out = copy.deepcopy(params)
-    for section, keys in {"supervisor": ["model"], "student": ["checkpoint", "vq_checkpoint", "text_encoder"],
-                          "evaluate": ["dino", "clip_pretrained", "clip_config_dir"]}.items():
-        for key in keys:
-            value = out[section].get(key)
-            if value and (root / str(value)).exists():
-                out[section][key] = str((root / str(value)).resolve())
-    return out
-
-
-@contextmanager
-def _inside(folder: Path, root: Path):
-    """cwd = `folder`, laid out like the project (its code, dvc.yaml and models linked), as the stages expect."""
-    from tasks.subject import LINKED
-
-    cwd = os.getcwd()
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in LINKED:
-        if (root / name).exists() and not (folder / name).exists():
-            (folder / name).symlink_to((root / name).resolve())
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(cwd)
-
-
-def subject_params(base: dict, index: int, seed: int, root: Path, work: Path) -> dict:
+def subject_params(base: dict, index: int, seed: int, work: Path) -> dict:
     """The base params for world subject `index` at `seed`, its reference photos written into `work`."""
     subject = world.make_subject(index)
     size = int(base["prepare"]["resolution"])
     images = work / "references"
     if not images.is_dir():
         world.subject_references(subject, 4, REFERENCE_SEED, images, size)
-    params = _absolute(base, root)
+    params = copy.deepcopy(base)
     params["seed"] = seed
     params["subject"] = {**params["subject"], "name": f"world_{index}", "images": str(images.resolve()),
                          "class_noun": subject.class_noun}
@@ -132,18 +103,17 @@ def _sampling(params: dict) -> dict:
             "top_p": float(e["top_p"]), "seed": int(params["seed"])}
 
 
-def _drawer(arm: str, params: dict, subject: world.Spec):
+def _drawer(arm: str, params: dict, subject: world.Spec, lora_dir: Path, distilled: Path):
     """`draw(prompts, templates)` for `arm`, its model loaded once (distill has already run for tuned arms)."""
     from ar_models import load_student
-    from tasks.evaluate import supervisor_samples
 
     if arm == "world":
         size, seed = int(params["prepare"]["resolution"]), int(params["seed"])
         return lambda prompts, templates: [world.render(world.apply_template(subject, t), seed * 7919 + i, size)
                                            for i, t in enumerate(templates)]
     if arm == "supervisor":
-        return lambda prompts, templates: supervisor_samples(params, prompts)
-    model = load_student(params["student"]) if arm == "untuned" else load_tuned("outputs/distill", params["student"])
+        return lambda prompts, templates: supervisor_samples(params, prompts, lora_dir)
+    model = load_student(params["student"]) if arm == "untuned" else load_tuned(distilled, params["student"])
 
     def draw(prompts, templates):
         with torch.inference_mode():
@@ -152,51 +122,51 @@ def _drawer(arm: str, params: dict, subject: world.Spec):
     return draw
 
 
-def run_subject_seed(base: dict, index: int, seed: int, config: ClaimsConfig, root: Path, work: Path) -> list[dict]:
-    """Every arm of `config` for one (subject, seed): one row per arm with its mean scores."""
+def run_subject_seed(base: dict, index: int, seed: int, config: ClaimsConfig, work: Path) -> list[dict]:
+    """Every arm of `config` for one (subject, seed), its stages' data in `work`: one row per arm with its
+    mean scores."""
     from tasks import distill, prepare, supervise, synthesize
-    from tasks.evaluate import class_prompt, load_evaluators
 
-    work = work.resolve()
-    params = subject_params(base, index, seed, root, work)
-    rows = []
-    with _inside(work, root):
-        for stage in (prepare, supervise, synthesize):
-            stage.run(params, _NoLog())
-        cache, dino, clip, _ = load_evaluators(params, [])
-        refs = [Image.open(Path("outputs/prepare") / r["file"]).convert("RGB")
-                for r in read_jsonl(Path("outputs/prepare/captions.jsonl"))]
-        identifier, noun = params["subject"]["identifier"], params["subject"]["class_noun"]
-        templates = [t for t in EVAL_PROMPTS for _ in range(config.images_per_prompt)]
-        prompts = [t.format(f"{identifier} {noun}") for t in templates]
-        clean = [metrics.strip_identifier(p, identifier) for p in prompts]
-        shown = {"photos": refs}
-        for arm in config.arms:
-            arm_params = _merge(params, {"student": ARMS[arm]}) if ARMS.get(arm) else params
-            if ARMS.get(arm):
-                distill.run(arm_params, _NoLog())
-            draw = _drawer(arm, arm_params, world.make_subject(index))
-            images = draw(prompts, templates)
-            if arm in STUDENT_ARMS and config.pres_images:  # its own call: the scored samples do not depend on it
-                images += draw([class_prompt(params)] * config.pres_images, [])
-            scored = metrics.prompt_scores(images[: len(prompts)], clean, refs, dino, clip)
-            scenes = [r for r, t in zip(scored, dict.fromkeys(templates)) if t in SCENE_PROMPTS]
-            row = {"subject": index, "seed": seed, "arm": arm, **metrics.summarize(scored),
-                   "clip_t_scenes": metrics.summarize(scenes)["clip_t"]}
-            shown[arm] = images[: len(prompts): config.images_per_prompt] + images[len(prompts):]
-            if arm in STUDENT_ARMS and config.pres_images:
-                row["pres"] = metrics.pres_score(images[len(prompts):], refs, dino)
-            rows.append({k: row.get(k) for k in ("subject", "seed", "arm", *METRICS)})
-        reports.image_grid(shown, cell=64).save("grid.png")
+    params = subject_params(base, index, seed, work)
+    paths = {name: stage_paths(name, work) for name in ("prepare", "supervise", "synthesize", "distill")}
+    prepare.run(params, _NoLog(), paths["prepare"])
+    supervise.run(params, _NoLog(), paths["supervise"])
+    synthesize.run(params, _NoLog(), paths["synthesize"])
+    cache, dino, clip, _ = load_evaluators(params, [])
+    prepared = paths["prepare"]["out"]
+    refs = [Image.open(prepared / r["file"]).convert("RGB") for r in read_jsonl(prepared / "captions.jsonl")]
+    identifier, noun = params["subject"]["identifier"], params["subject"]["class_noun"]
+    templates = [t for t in EVAL_PROMPTS for _ in range(config.images_per_prompt)]
+    prompts = [t.format(f"{identifier} {noun}") for t in templates]
+    clean = [metrics.strip_identifier(p, identifier) for p in prompts]
+    shown, rows = {"photos": refs}, []
+    for arm in config.arms:
+        arm_params = _merge(params, {"student": ARMS[arm]}) if ARMS.get(arm) else params
+        if ARMS.get(arm):
+            distill.run(arm_params, _NoLog(), paths["distill"])
+        draw = _drawer(arm, arm_params, world.make_subject(index), paths["supervise"]["out"],
+                       paths["distill"]["out"])
+        images = draw(prompts, templates)
+        if arm in STUDENT_ARMS and config.pres_images:  # its own call: the scored samples do not depend on it
+            images += draw([class_prompt(params)] * config.pres_images, [])
+        scored = metrics.prompt_scores(images[: len(prompts)], clean, refs, dino, clip)
+        scenes = [r for r, t in zip(scored, dict.fromkeys(templates)) if t in SCENE_PROMPTS]
+        row = {"subject": index, "seed": seed, "arm": arm, **metrics.summarize(scored),
+               "clip_t_scenes": metrics.summarize(scenes)["clip_t"]}
+        shown[arm] = images[: len(prompts): config.images_per_prompt] + images[len(prompts):]
+        if arm in STUDENT_ARMS and config.pres_images:
+            row["pres"] = metrics.pres_score(images[len(prompts):], refs, dino)
+        rows.append({k: row.get(k) for k in ("subject", "seed", "arm", *METRICS)})
+    reports.image_grid(shown, cell=64).save(work / "grid.png")
     return rows
 
 
-def run(base: dict, config: ClaimsConfig, root: Path, work: Path) -> pd.DataFrame:
+def run(base: dict, config: ClaimsConfig, work: Path) -> pd.DataFrame:
     """All subjects x seeds x arms; one row per (subject, seed, arm)."""
     rows = []
     for index in config.subjects:
         for seed in config.seeds:
-            rows += run_subject_seed(base, index, seed, config, root, work / f"subject{index}-seed{seed}")
+            rows += run_subject_seed(base, index, seed, config, work / f"subject{index}-seed{seed}")
     return pd.DataFrame(rows)
 
 

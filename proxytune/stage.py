@@ -1,11 +1,13 @@
-"""Turns a stage's plain `run(params, log)` function into a cached Prefect task.
+"""Turns a stage's plain `run(params, log, paths)` function into a cached Prefect task.
 
 The cache key is `cache.stage_key` (contents of the deps and values of the params `dvc.yaml`
 declares for the stage), so Prefect's cache and DVC's agree on when a stage is stale. Tasks take and
-return file paths only.
+return file paths only: `paths` maps the stage's path arguments (dvc.yaml's `cmd` names them) to places.
 """
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Callable
 
 from prefect import get_run_logger, task
@@ -13,10 +15,10 @@ from prefect.cache_policies import CachePolicy
 from prefect.states import Failed
 
 from proxytune import tracking
-from proxytune.cache import outputs_current, stage_key, stage_spec, write_stamp
+from proxytune.cache import outputs_current, path_arguments, stage_key, stage_paths, stage_spec, write_stamp
 from proxytune.params import ProxytuneError, get, load_params
 
-RunFn = Callable[[dict, "tracking.StageLogger"], dict]
+RunFn = Callable[[dict, "tracking.StageLogger", dict[str, Path]], dict]
 
 
 class StageCache(CachePolicy):
@@ -27,7 +29,29 @@ class StageCache(CachePolicy):
         self.stage = stage
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        return f"{self.stage}-{stage_key(self.stage, load_params(inputs['params_file']))}"
+        paths = resolve_paths(self.stage, inputs.get("paths"))
+        return f"{self.stage}-{stage_key(self.stage, load_params(inputs['params_file']), paths)}"
+
+
+def resolve_paths(stage: str, given: dict[str, str | Path] | None = None, under: str | Path = ".") -> dict[str, Path]:
+    """The stage's paths: dvc.yaml's layout below `under`, with any of them given explicitly."""
+    paths = stage_paths(stage, under)
+    unknown = sorted(set(given or {}) - set(paths))
+    if unknown:
+        raise ProxytuneError(f"stage {stage}: unknown path argument(s) {', '.join(unknown)} "
+                             f"(it takes: {', '.join(path_arguments(stage))})")
+    return {**paths, **{name: Path(value) for name, value in (given or {}).items()}}
+
+
+def launched_stage_args(stage: str, argv: list[str] | None = None) -> tuple[str, dict[str, Path]]:
+    """`--params FILE` and the stage's path flags, for a stage's own entry point (`accelerate launch -m tasks.X`)."""
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{stage}")
+    parser.add_argument("--params", default="params.yaml")
+    for name in stage_paths(stage):
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name)
+    args = vars(parser.parse_args(argv))
+    params_file = args.pop("params")
+    return params_file, resolve_paths(stage, {k: v for k, v in args.items() if v is not None})
 
 
 def stage_params(stage: str, params: dict) -> dict:
@@ -39,17 +63,18 @@ def stage_params(stage: str, params: dict) -> dict:
 def stage_task(stage: str, run: RunFn):
     """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked."""
 
-    def execute(params_file: str = "params.yaml"):
+    def execute(params_file: str = "params.yaml", paths: dict[str, str] | None = None):
         try:
             params = load_params(params_file)
-            key = stage_key(stage, params)
+            where = resolve_paths(stage, paths)
+            key = stage_key(stage, params, where)
             with tracking.stage_run(stage, params, stage_params(stage, params)) as log:
-                outputs = run(params, log)
+                outputs = run(params, log, where)
         except ProxytuneError as e:
             # Bad input, not a bug: one clear line instead of a traceback.
             get_run_logger().error(str(e))
             return Failed(message=str(e))
-        write_stamp(stage, key)
+        write_stamp(stage, key, where)
         return outputs
 
     execute.__name__ = stage
@@ -59,6 +84,7 @@ def stage_task(stage: str, run: RunFn):
     )(execute)
 
 
-def is_current(stage: str, params_file: str = "params.yaml") -> bool:
+def is_current(stage: str, params_file: str = "params.yaml", paths: dict[str, str] | None = None) -> bool:
     """Whether the stage's outputs on disk still match its inputs (else its cache must be refreshed)."""
-    return outputs_current(stage, stage_key(stage, load_params(params_file)))
+    where = resolve_paths(stage, paths)
+    return outputs_current(stage, stage_key(stage, load_params(params_file), where), where)

@@ -18,16 +18,14 @@ from proxytune.prompts import corpus_words
 from proxytune.stage import stage_task
 from proxytune.tiny import build_tiny_supervisor
 
-MODELS = Path("models/tiny")
-DEMO_SUBJECT = Path("data/demo_subject")
 
-
-def run(params: dict, log) -> dict:
-    """Build every tiny model with a fixed seed; identical params give byte-identical weights."""
+def run(params: dict, log, paths: dict[str, Path]) -> dict:
+    """Build every tiny model into `paths["models"]` and the demo photos into `paths["demo_subject"]`, with a
+    fixed seed; identical params give byte-identical weights."""
     seed = int(get(params, "seed"))
     size = int(get(params, "bootstrap.image_size"))
     corpus = corpus_words()
-    with atomic_dir(MODELS) as tmp:
+    with atomic_dir(paths["models"]) as tmp:
         build_tiny_supervisor(tmp / "supervisor", corpus, seed=seed, image_size=size)
         llamagen.build_tiny(tmp / "llamagen", corpus, seed=seed, image_size=size)
         lumina_mgpt.build_tiny(tmp / "lumina_mgpt", corpus, seed=seed, image_size=size)
@@ -35,8 +33,8 @@ def run(params: dict, log) -> dict:
         infinity.build_tiny(tmp / "infinity", corpus, seed=seed, image_size=size)
         var.build_tiny(tmp / "var", corpus, seed=seed, image_size=size)
         metrics.build_tiny_evaluators(tmp / "evaluators", seed=seed, image_size=size)
-    write_demo_subject(DEMO_SUBJECT, seed=seed)
-    return {"models": str(MODELS), "demo_subject": str(DEMO_SUBJECT)}
+    write_demo_subject(paths["demo_subject"], seed=seed)
+    return {"models": str(paths["models"]), "demo_subject": str(paths["demo_subject"])}
 
 
 bootstrap_task = stage_task("bootstrap", run)

@@ -24,8 +24,6 @@ from proxytune.training import Checkpointer, train, write_loss_csv
 from proxytune.tuning import METHODS, TuneConfig, TuningData, build_recipe, write_card
 
 DATA_SOURCES = ("proxies", "references", "proxies+references", "augmented_references")
-PROXIES, REFERENCES = Path("outputs/synthesize"), Path("outputs/prepare")
-OUT = Path("outputs/distill")
 
 
 def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str, image_size: int | None = None
@@ -65,13 +63,13 @@ def augment(image: Image.Image, rng: random.Random) -> Image.Image:
     return image.crop((left, top, left + w, top + h)).resize(size, Image.BICUBIC)
 
 
-def augmented_references(rows: list[dict], copies: int, seed: int) -> list[tuple[Path, str]]:
+def augmented_references(prepared: Path, rows: list[dict], copies: int, seed: int) -> list[tuple[Path, str]]:
     """`copies` augmented versions of each reference, written once to the cache (content-keyed)."""
     folder = cache_dir("augmented") / sha256_json([r["sha256"] for r in rows] + [copies, seed])[:16]
     rng = random.Random(seed)
     out = []
     for r in rows:
-        source = Image.open(REFERENCES / r["file"]).convert("RGB")
+        source = Image.open(prepared / r["file"]).convert("RGB")
         for c in range(copies):
             image = augment(source, rng)  # drawn even when cached, so the sequence never shifts
             path = folder / f"{Path(r['file']).stem}-{c:03d}.png"
@@ -83,26 +81,28 @@ def augmented_references(rows: list[dict], copies: int, seed: int) -> list[tuple
     return out
 
 
-def training_images(s: dict, seed: int) -> tuple[list[tuple[Path, str]], list[str]]:
-    """(image file, prompt) pairs for `student.data`, and the hashes of the manifests they came from."""
+def training_images(s: dict, seed: int, paths: dict[str, Path]) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(image file, prompt) pairs for `student.data` (the proxies and prepared references in `paths`), and the
+    hashes of the manifests they came from."""
+    proxies, prepared = paths["proxies"], paths["prepared"]
     source = s.get("data", "proxies")
     if source not in DATA_SOURCES:
         raise ProxytuneError(f"params: student.data must be one of {', '.join(DATA_SOURCES)}, got {source!r}")
     pairs, hashes = [], []
     if source in ("proxies", "proxies+references"):
-        for folder in [PROXIES, *map(Path, s.get("extra_subjects") or [])]:
+        for folder in [proxies, *map(Path, s.get("extra_subjects") or [])]:
             manifest = folder / "manifest.jsonl"
             if not manifest.is_file():
                 raise ProxytuneError(f"{manifest}: no proxy manifest (student.data / student.extra_subjects)")
             pairs += [(folder / r["file"], r["prompt"]) for r in read_jsonl(manifest)]
             hashes.append(sha256_file(manifest))
-    refs = read_jsonl(REFERENCES / "captions.jsonl")
+    refs = read_jsonl(prepared / "captions.jsonl")
     if source in ("references", "proxies+references"):
-        pairs += [(REFERENCES / r["file"], r["caption"]) for r in refs]
-        hashes.append(sha256_file(REFERENCES / "captions.jsonl"))
+        pairs += [(prepared / r["file"], r["caption"]) for r in refs]
+        hashes.append(sha256_file(prepared / "captions.jsonl"))
     if source == "augmented_references":
-        pairs += augmented_references(refs, int(s.get("augment_copies", 8)), seed)
-        hashes.append(sha256_file(REFERENCES / "captions.jsonl"))
+        pairs += augmented_references(prepared, refs, int(s.get("augment_copies", 8)), seed)
+        hashes.append(sha256_file(prepared / "captions.jsonl"))
     return pairs, hashes
 
 
@@ -159,13 +159,13 @@ def tune_config(s: dict, seed: int) -> TuneConfig:
     return cfg
 
 
-def run(params: dict, log) -> dict:
-    """Tune the student; write its artifacts (adapter / identifiers / tuned weights) and a card."""
+def run(params: dict, log, paths: dict[str, Path]) -> dict:
+    """Tune the student; write its artifacts (adapter / identifiers / tuned weights) and a card to `paths["out"]`."""
     s = params["student"]
     seed = int(get(params, "seed"))
     identifier, class_noun = get(params, "subject.identifier"), get(params, "subject.class_noun")
     cfg = tune_config(s, seed)
-    pairs, hashes = training_images(s, seed)
+    pairs, hashes = training_images(s, seed, paths)
     student = load_student(s)
     codes = tokenise_cached(student, [f for f, _ in pairs], s["vq_checkpoint"], int(s["image_size"]))
     data = TuningData(codes=codes, prompts=[p for _, p in pairs], identifier=identifier, class_noun=class_noun)
@@ -181,19 +181,20 @@ def run(params: dict, log) -> dict:
     except ValueError as e:
         raise ProxytuneError(f"params: student: {e}") from None
     total = cfg.steps + (cfg.embedding_steps if cfg.method == "two_stage" else 0)
-    checkpoints = Checkpointer(checkpoint_dir("distill", params), int(s.get("checkpoint_every", 0)))
+    checkpoints = Checkpointer(checkpoint_dir("distill", params, paths), int(s.get("checkpoint_every", 0)))
     history = train(recipe, total, log, checkpoints)
-    with atomic_dir(OUT) as tmp:
+    out = paths["out"]
+    with atomic_dir(out) as tmp:
         files = recipe.save(tmp)
         write_card(tmp, cfg, s, files, {"identifier": identifier, "class_noun": class_noun,
                                         "sources": s.get("data", "proxies"), "manifest_sha256": hashes,
                                         "num_images": len(pairs)},
                    history[-1]["loss"] if history else None)
-    write_loss_csv("outputs/distill_loss.csv", history)
+    write_loss_csv(paths["loss_csv"], history)
     checkpoints.clear()
     for name in files:
-        log.artifact(OUT / name, "student")
-    return {"out_dir": str(OUT), "files": files, "loss_csv": "outputs/distill_loss.csv"}
+        log.artifact(out / name, "student")
+    return {"out_dir": str(out), "files": files, "loss_csv": str(paths["loss_csv"])}
 
 
 distill_task = stage_task("distill", run)

@@ -2,7 +2,7 @@
 
 DINO and CLIP-I compare generations with the prepared references; CLIP-T compares each generation with
 its prompt minus the identifier; PRES and DIV (ARBooth) are measured where asked for and possible. The
-student-minus-supervisor delta is Proxy-Tuning's weak-to-strong effect. Besides `outputs/metrics.json`
+student-minus-supervisor delta is Proxy-Tuning's weak-to-strong effect. Besides the metrics JSON
 it writes the per-prompt table the multi-subject benchmark aggregates (`flows/benchmark.py`).
 """
 from __future__ import annotations
@@ -15,17 +15,12 @@ import pandas as pd
 from PIL import Image
 
 from proxytune import metrics, reports
-from proxytune.cache import cache_dir
-from proxytune.diffusion import load_pipeline, sample
-from proxytune.images import to_pil
+from proxytune.evaluation import class_prompt, load_evaluators, student_samples, supervisor_samples
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
-from proxytune.params import ProxytuneError, get, local_path, model_source
+from proxytune.params import ProxytuneError, get
 from proxytune.prompts import EVAL_PROMPTS
 from proxytune.stage import stage_task
-from proxytune.tuning import load_tuned
 
-METRICS_FILE = Path("outputs/metrics.json")
-OUT = Path("outputs/evaluate")
 TABLE_FILE = "scores.csv"
 CACHE_STATS_FILE = "embedding_cache.json"
 HELDOUT = [t.format("{0} {1}") for t in EVAL_PROMPTS]  # the project's held-out prompts as DreamBench templates
@@ -54,57 +49,8 @@ def eval_prompts(params: dict) -> list[str]:
     return [t.format(get(params, "subject.identifier"), get(params, "subject.class_noun")) for t in templates]
 
 
-def class_prompt(params: dict) -> str:
-    """The bare class prompt PRES draws (the one the student's prior-preservation data uses)."""
-    return f"a photo of {get(params, 'subject.class_noun')}"
-
-
-def student_samples(params: dict, prompts: list[str]) -> list[Image.Image]:
-    """The tuned student (base weights + `outputs/distill`'s artifacts, whatever the method) draws `prompts`."""
-    e = params["evaluate"]
-    tuned = load_tuned("outputs/distill", params["student"])
-    images = tuned.generate(prompts, cfg_scale=float(e["cfg_scale"]), temperature=float(e["temperature"]),
-                            top_k=int(e["top_k"]), top_p=float(e["top_p"]), seed=int(params["seed"]))
-    return to_pil(images)
-
-
-def supervisor_samples(params: dict, prompts: list[str]) -> list[Image.Image]:
-    pipe = load_pipeline(model_source(params, "supervisor.model"), lora_dir="outputs/supervise")
-    seeds = [int(params["seed"]) * 7919 + i for i in range(len(prompts))]
-    return sample(pipe, prompts, seeds, int(get(params, "supervisor.sample_steps")),
-                  float(get(params, "supervisor.guidance_scale")),
-                  resolution=int(get(params, "prepare.resolution")))
-
-
-def load_evaluators(params: dict, notes: list[str]) -> tuple[metrics.EmbeddingCache, metrics.DinoEmbedder,
-                                                             metrics.ClipEmbedder, metrics.LpipsDistance | None]:
-    """DINO and CLIP (required) and LPIPS (optional: DIV is skipped, with a line in `notes`, when it cannot
-    load, since its backbone weights are often unavailable offline)."""
-    e = params["evaluate"]
-    cache = metrics.EmbeddingCache(cache_dir("embeddings"))
-    dino = metrics.DinoEmbedder(local_path(params, "evaluate.dino", "DINO model folder"), cache=cache)
-    try:
-        clip = metrics.ClipEmbedder(e["clip_model"], e["clip_pretrained"], config_dir=e.get("clip_config_dir") or None,
-                                    cache=cache, force_quick_gelu=bool(e["clip_quick_gelu"]))
-    except (FileNotFoundError, RuntimeError) as err:
-        raise ProxytuneError(f"params: evaluate.clip_model / clip_pretrained / clip_config_dir: {err}") from None
-    lpips = None
-    if not e["lpips_backbone"]:
-        notes.append("DIV skipped: evaluate.lpips_backbone is empty (LPIPS needs a local backbone checkpoint)")
-    else:
-        try:
-            lpips = metrics.LpipsDistance(e["lpips_backbone"], net=e["lpips_net"])
-        except ImportError:
-            notes.append("DIV skipped: the lpips package is not installed")
-        except FileNotFoundError as err:
-            notes.append(f"DIV skipped: evaluate.lpips_backbone: {err}")
-        except ValueError as err:
-            raise ProxytuneError(f"params: evaluate.lpips_backbone: {err}") from None
-    return cache, dino, clip, lpips
-
-
-def run(params: dict, log) -> dict:
-    """Write `outputs/metrics.json`, `outputs/evaluate/{scores.csv,grid.png}` and the generated samples."""
+def run(params: dict, log, paths: dict[str, Path]) -> dict:
+    """Write the metrics JSON (`paths["metrics"]`), `scores.csv`, `grid.png` and the samples (`paths["out"]`)."""
     notes: list[str] = []
     identifier = get(params, "subject.identifier")
     prompts = eval_prompts(params)
@@ -113,11 +59,12 @@ def run(params: dict, log) -> dict:
     resize = _int(params, "evaluate.resize", 0)
     batch = _int(params, "evaluate.embed_batch_size", 1)
     cache, dino, clip, lpips = load_evaluators(params, notes)
-    prepared = Path("outputs/prepare")
+    prepared, out, metrics_file = paths["prepared"], paths["out"], paths["metrics"]
     references = [Image.open(prepared / r["file"]).convert("RGB") for r in read_jsonl(prepared / "captions.jsonl")]
     drawn = [p for p in prompts for _ in range(per_prompt)]
     asked = drawn + [class_prompt(params)] * pres_images
-    generated = {"supervisor": supervisor_samples(params, asked), "student": student_samples(params, asked)}
+    generated = {"supervisor": supervisor_samples(params, asked, paths["supervised"]),
+                 "student": student_samples(params, asked, paths["distilled"])}
 
     refs = metrics.resize_policy(references, resize)
     clean = [metrics.strip_identifier(p, identifier) for p in drawn]
@@ -139,7 +86,7 @@ def run(params: dict, log) -> dict:
     stats = {"hits": cache.hits, "misses": cache.misses}
 
     cell = max(96, int(get(params, "prepare.resolution")))  # small images are enlarged to be seen
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(out) as tmp:
         for name, images in generated.items():
             (tmp / name).mkdir()
             for i, img in enumerate(images):
@@ -150,16 +97,16 @@ def run(params: dict, log) -> dict:
         atomic_write_text(tmp / "notes.txt", "".join(f"{n}\n" for n in notes))
         firsts = {name: images[: len(drawn) : per_prompt] for name, images in generated.items()}
         reports.image_grid({"references": references, **firsts}, cell=cell).save(tmp / "grid.png")
-    atomic_write_text(METRICS_FILE, json.dumps(summary, indent=2, sort_keys=True))
+    atomic_write_text(metrics_file, json.dumps(summary, indent=2, sort_keys=True))
     for note in notes:
         logging.getLogger(__name__).warning(note)
     for name in ("student", "supervisor"):
         log.metrics({f"{name}.{k}": v for k, v in summary[name].items()})
     log.metrics({f"embedding_cache.{k}": v for k, v in stats.items()})
-    log.artifact(OUT / "grid.png", "grids")
-    log.artifact(OUT / TABLE_FILE, "tables")
-    log.artifact(METRICS_FILE)
-    return {"metrics": str(METRICS_FILE), "grid": str(OUT / "grid.png"), "table": str(OUT / TABLE_FILE)}
+    log.artifact(out / "grid.png", "grids")
+    log.artifact(out / TABLE_FILE, "tables")
+    log.artifact(metrics_file)
+    return {"metrics": str(metrics_file), "grid": str(out / "grid.png"), "table": str(out / TABLE_FILE)}
 
 
 evaluate_task = stage_task("evaluate", run)

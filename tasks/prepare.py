@@ -54,8 +54,8 @@ def reference_files(folder: Path) -> list[Path]:
     return files
 
 
-def run(params: dict, log) -> dict:
-    """Write `outputs/prepare/instance/*.png` and `captions.jsonl` ("a photo of [V] <class>")."""
+def run(params: dict, log, paths: dict[str, Path]) -> dict:
+    """Write `instance/*.png` and `captions.jsonl` ("a photo of [V] <class>") into `paths["out"]`."""
     folder = local_path(params, "subject.images", "folder")
     if not folder.is_dir():
         raise ProxytuneError(f"params: subject.images: {str(folder)!r} is not a folder")
@@ -69,7 +69,7 @@ def run(params: dict, log) -> dict:
         raise ProxytuneError(f"params: prepare.resolution must be at least 8, got {resolution}")
     phrase = subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun"))
     images = [(p, load_reference(p, max(8, resolution // 2))) for p in reference_files(folder)]
-    out = Path("outputs/prepare")
+    out = paths["out"]
     with atomic_dir(out) as tmp:
         (tmp / "instance").mkdir()
         rows = []

@@ -1,11 +1,11 @@
 """One benchmark subject: the whole pipeline in its own work folder and process; then the cross-subject report.
 
-Why a folder and a process per subject: the pipeline reads cwd-relative paths (`params.yaml`, `dvc.yaml`,
-`outputs/...`), so each subject gets `runs/<name>/` holding its own params.yaml (the project's, with the
-subject swapped in) and links to the project's code and models; and a subject that crashes or exhausts
-memory takes only its own process down. Each work folder keeps its own MLflow store (subjects may run in
-parallel, and the tracking module adopts the newest running pipeline run of its store); the benchmark's
-own run in the project's store carries every subject's scores and the aggregate.
+Each subject gets `runs/<name>/` holding its own params.yaml (the project's, with the subject swapped in) and
+every stage's data, laid out as in dvc.yaml (`python -m flows.pipeline --under runs/<name>`); the code and the
+models stay in the project. A process per subject: one that crashes or exhausts memory takes only itself down.
+Each work folder keeps its own MLflow store (subjects may run in parallel, and the tracking module adopts the
+newest running pipeline run of its store); the benchmark's own run in the project's store carries every
+subject's scores and the aggregate.
 """
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 
 from proxytune import reports, tracking
+from proxytune.cache import stage_paths
 from proxytune.dreambench import Subject
 from proxytune.io import atomic_dir, atomic_write_text, sha256_json, sha256_tree
 from proxytune.params import ProxytuneError
 from tasks.evaluate import CACHE_STATS_FILE, TABLE_FILE
 
 RUNS = Path("runs")
-LINKED = ["dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows", "models"]
+CODE = ["dvc.yaml", "tasks", "proxytune", "ar_models", "flows", "models"]  # what every subject's results depend on
 STAGES = ["prepare", "supervise", "synthesize", "distill", "evaluate"]  # bootstrap runs once, in the project
 STAMP = ".proxytune/benchmark.json"
 
@@ -46,37 +47,30 @@ def subject_params(base: dict, subject: Subject) -> dict:
 def subject_key(root: Path, params: dict) -> str:
     """Everything a subject's results depend on: its params (images, class, prompts, all settings), the
     contents of its photos, the code and the models. Content hashes are memoised per process."""
-    linked = {name: sha256_tree(root / name) for name in LINKED if (root / name).exists()}
-    return sha256_json({"params": params, "images": sha256_tree(params["subject"]["images"]), "linked": linked})
+    code = {name: sha256_tree(root / name) for name in CODE if (root / name).exists()}
+    return sha256_json({"params": params, "images": sha256_tree(params["subject"]["images"]), "code": code})
 
 
-def _outputs(work: Path) -> dict[str, Path]:
-    return {"metrics": work / "outputs/metrics.json", "table": work / "outputs/evaluate" / TABLE_FILE,
-            "grid": work / "outputs/evaluate/grid.png", "cache": work / "outputs/evaluate" / CACHE_STATS_FILE}
+def _outputs(root: Path, work: Path) -> dict[str, Path]:
+    evaluate = stage_paths("evaluate", work, root)
+    return {"metrics": evaluate["metrics"], "table": evaluate["out"] / TABLE_FILE,
+            "grid": evaluate["out"] / "grid.png", "cache": evaluate["out"] / CACHE_STATS_FILE}
 
 
 def is_current(root: Path, params: dict) -> bool:
     """Whether `runs/<name>/` still holds the results of a run with exactly these inputs."""
     work = root / RUNS / params["subject"]["name"]
     stamp = work / STAMP
-    if not stamp.is_file() or not all(p.is_file() for p in _outputs(work).values()):
+    if not stamp.is_file() or not all(p.is_file() for p in _outputs(root, work).values()):
         return False
     recorded = json.loads(stamp.read_text())
-    outputs = {k: sha256_tree(p) for k, p in _outputs(work).items()}
+    outputs = {k: sha256_tree(p) for k, p in _outputs(root, work).items()}
     return recorded == {"key": subject_key(root, params), "outputs": outputs}
 
 
 def _work_dir(root: Path, params: dict) -> Path:
     work = root / RUNS / params["subject"]["name"]
     work.mkdir(parents=True, exist_ok=True)
-    for name in LINKED:
-        link, target = work / name, (root / name).resolve()
-        if target.exists() and not (link.is_symlink() and link.resolve() == target):
-            if link.is_symlink() or link.is_file():
-                link.unlink()
-            elif link.exists():
-                shutil.rmtree(link)
-            link.symlink_to(target, target_is_directory=target.is_dir())
     atomic_write_text(work / "params.yaml", yaml.safe_dump(params, sort_keys=False))
     return work
 
@@ -110,14 +104,15 @@ def run_subject(root: str, params: dict) -> dict[str, str]:
            "PROXYTUNE_CACHE": os.environ.get("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))}
     if api := _prefect_api_url():
         env["PREFECT_API_URL"] = api
-    cmd = [sys.executable, "-m", "flows.pipeline", *(a for s in STAGES for a in ("--stage", s))]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "flows.pipeline", "--params", str(work / "params.yaml"), "--under", str(work),
+           *(a for s in STAGES for a in ("--stage", s))]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     (work / "pipeline.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         why = errors[-1] if errors else f"exit status {proc.returncode}"
         raise ProxytuneError(f"subject {params['subject']['name']}: {why} (log: {work / 'pipeline.log'})")
-    outputs = _outputs(work)
+    outputs = _outputs(root, work)
     stamp = {"key": subject_key(root, params), "outputs": {k: sha256_tree(p) for k, p in outputs.items()}}
     atomic_write_text(work / STAMP, json.dumps(stamp))
     return {"subject": params["subject"]["name"], **{k: str(p) for k, p in outputs.items()}}

@@ -77,16 +77,16 @@ class Silent:
         pass
 
 
-def train_lora(params: dict, log, process=None) -> tuple[DreamBoothLoRA, list[dict], Checkpointer]:
+def train_lora(params: dict, log, paths: dict[str, Path], process=None) -> tuple[DreamBoothLoRA, list[dict], Checkpointer]:
     """The trained recipe, its loss history and its checkpoints. With `process` (accelerate's PartialState),
     this process trains on its slice of every batch; only the main one logs and checkpoints (the last step too)."""
-    prepared = Path("outputs/prepare")
+    prepared = paths["prepared"]
     rows = read_jsonl(prepared / "captions.jsonl")
     cfg = recipe_config(params, [prepared / r["file"] for r in rows], [r["caption"] for r in rows])
     recipe = DreamBoothLoRA(cfg, process)
     recipe.setup()
     s = params["supervisor"]
-    folder, every = checkpoint_dir("supervise", params), int(s.get("checkpoint_every") or 0)
+    folder, every = checkpoint_dir("supervise", params, paths), int(s.get("checkpoint_every") or 0)
     main = process is None or process.is_main_process
     if process is None:
         checkpoints = Checkpointer(folder, every)
@@ -99,23 +99,23 @@ def train_lora(params: dict, log, process=None) -> tuple[DreamBoothLoRA, list[di
     return recipe, history, checkpoints
 
 
-def publish(params: dict, recipe: DreamBoothLoRA, history: list[dict]) -> dict:
-    """Write `outputs/supervise` (LoRA, embeddings, class images) and the loss CSV."""
-    out = Path("outputs/supervise")
+def publish(params: dict, recipe: DreamBoothLoRA, history: list[dict], paths: dict[str, Path]) -> dict:
+    """Write `paths["out"]` (LoRA, embeddings, class images) and the loss CSV."""
+    out = paths["out"]
     with atomic_dir(out) as tmp:
         recipe.save(tmp, export_kohya=bool(params["supervisor"].get("export_kohya", False)))
         (tmp / "class_images").mkdir()
         for i, img in enumerate(recipe.class_images):
             img.save(tmp / "class_images" / f"{i:03d}.png")
-    write_loss_csv("outputs/supervise_loss.csv", history)
-    return {"lora_dir": str(out), "loss_csv": "outputs/supervise_loss.csv"}
+    write_loss_csv(paths["loss_csv"], history)
+    return {"lora_dir": str(out), "loss_csv": str(paths["loss_csv"])}
 
 
-def run(params: dict, log) -> dict:
+def run(params: dict, log, paths: dict[str, Path]) -> dict:
     """Train the supervisor's LoRA on the prepared images, each with its own caption; write it and the class images.
     After `accelerate launch -m tasks.supervise` it finds the final checkpoint and only publishes."""
-    recipe, history, checkpoints = train_lora(params, log)
-    result = publish(params, recipe, history)
+    recipe, history, checkpoints = train_lora(params, log, paths)
+    result = publish(params, recipe, history, paths)
     checkpoints.clear()
     log.artifact(Path(result["lora_dir"]) / LORA_FILE, "lora")
     return result
@@ -131,27 +131,28 @@ def check_launch_precision(params: dict) -> None:
                              "--mixed_precision no (or the same value)")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Under `accelerate launch`: every process trains on its slice of each batch; the main process logs to
     MLflow, checkpoints and writes the outputs. The stage (`dvc repro`) then publishes from the final checkpoint."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     from proxytune import tracking
-    from proxytune.stage import stage_params
+    from proxytune.stage import launched_stage_args, stage_params
 
     # `accelerate launch --cpu` sets this flag, which PartialState (unlike Accelerator) leaves to its caller
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     try:
-        params = load_params()
+        params_file, paths = launched_stage_args("supervise", argv)
+        params = load_params(params_file)
         check_launch_precision(params)
         main_process = state.is_main_process
         logging = (tracking.stage_run("supervise", params, stage_params("supervise", params)) if main_process
                    else nullcontext(Silent()))
         with logging as log:
-            recipe, history, _ = train_lora(params, log, state)
+            recipe, history, _ = train_lora(params, log, paths, state)
             if main_process:
-                publish(params, recipe, history)
+                publish(params, recipe, history, paths)
     except ProxytuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ and `regenerate` re-renders that same batch to get the identical pixels back.
 Finished batches land in a work folder keyed by the stage's inputs (images written atomically, then one
 small manifest file per batch), so an interrupted run resumes at the first unfinished batch. Several
 processes can share the work: `accelerate launch -m tasks.synthesize` gives process r the batches
-b with b % N == r (see docs/scale.md); the stage then publishes `outputs/synthesize` in one rename.
+b with b % N == r (see docs/scale.md); the stage then publishes its `--out` folder in one rename.
 """
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ from proxytune.diffusion import SCHEDULERS, load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
 from proxytune.prompts import proxy_prompts, subject_phrase
-from proxytune.stage import stage_task
-
-OUT = Path("outputs/synthesize")
+from proxytune.stage import launched_stage_args, stage_task
 
 
 def settings(params: dict) -> dict:
@@ -69,9 +67,10 @@ def plan(params: dict) -> list[list[dict]]:
     return [list(batch) for _, batch in groupby(rows, key=lambda r: r["batch"])]
 
 
-def load_supervisor(params: dict, device: str | torch.device = "cpu"):
-    """The DreamBooth-tuned supervisor with the sampler `synthesize.scheduler` names (null: the family's default)."""
-    return load_pipeline(model_source(params, "supervisor.model"), lora_dir="outputs/supervise",
+def load_supervisor(params: dict, lora_dir: Path, device: str | torch.device = "cpu"):
+    """The DreamBooth-tuned supervisor (its LoRA in `lora_dir`) with the sampler `synthesize.scheduler` names
+    (null: the family's default)."""
+    return load_pipeline(model_source(params, "supervisor.model"), lora_dir=lora_dir,
                          scheduler=get(params, "synthesize.scheduler")).to(device)
 
 
@@ -93,17 +92,16 @@ def regenerate(pipe, row: dict, rows: list[dict]) -> Image.Image:
     return render_batch(pipe, batch)[row["position"]]
 
 
-def proxy_rows(out: Path = OUT) -> list[dict]:
+def proxy_rows(out: Path) -> list[dict]:
     """Every rendered proxy, kept and dropped, in rendering order."""
     return sorted(read_jsonl(out / "manifest.jsonl") + read_jsonl(out / "dropped.jsonl"), key=lambda r: r["index"])
 
 
-def dino_scorer(params: dict, device):
+def dino_scorer(params: dict, prepared: Path, device):
     """Mean DINO cosine similarity of each image to the prepared references (DreamBench's DINO, per image)."""
     from proxytune.metrics import DinoEmbedder
 
     dino = DinoEmbedder(local_path(params, "evaluate.dino", "DINO model folder"), device=str(device))
-    prepared = Path("outputs/prepare")
     refs = dino.embed_images([Image.open(prepared / r["file"]).convert("RGB")
                               for r in read_jsonl(prepared / "captions.jsonl")])
     return lambda images: [round(float(s), 6) for s in (dino.embed_images(images) @ refs.T).mean(dim=1)]
@@ -120,15 +118,16 @@ def finished(work: Path, batch: list[dict]) -> bool:
                                   for r in read_jsonl(path))
 
 
-def render(params: dict, rank: int = 0, world: int = 1, device: str | torch.device = "cpu") -> Path:
+def render(params: dict, paths: dict[str, Path], rank: int = 0, world: int = 1,
+           device: str | torch.device = "cpu") -> Path:
     """Render this process's share of the unfinished batches (b % world == rank) into the work folder."""
     cfg = settings(params)
-    work = checkpoint_dir("synthesize", params)
+    work = checkpoint_dir("synthesize", params, paths)
     todo = [b for b in plan(params)[rank::world] if not finished(work, b)]
     if not todo:
         return work
-    pipe = load_supervisor(params, device)
-    score = dino_scorer(params, device) if cfg["min_dino"] is not None else None
+    pipe = load_supervisor(params, paths["supervised"], device)
+    score = dino_scorer(params, paths["prepared"], device) if cfg["min_dino"] is not None else None
     (work / "images").mkdir(parents=True, exist_ok=True)
     for batch in todo:
         images = render_batch(pipe, batch)
@@ -144,8 +143,8 @@ def render(params: dict, rank: int = 0, world: int = 1, device: str | torch.devi
     return work
 
 
-def publish(params: dict, work: Path, log) -> dict:
-    """Filter by DINO and write `outputs/synthesize` in one rename; the work folder goes once published."""
+def publish(params: dict, work: Path, out: Path, log) -> dict:
+    """Filter by DINO and write `out` in one rename; the work folder goes once published."""
     cfg = settings(params)
     rows = [r for batch in plan(params) for r in read_jsonl(batch_file(work, batch))]
     threshold = cfg["min_dino"]
@@ -161,7 +160,7 @@ def publish(params: dict, work: Path, log) -> dict:
     scored = [r["dino"] for r in kept if r["dino"] is not None]
     summary = {"rendered": len(rows), "kept": len(kept), "dropped": len(dropped), "min_dino": threshold,
                "mean_dino_kept": sum(scored) / len(scored) if scored else None}
-    with atomic_dir(OUT) as tmp:
+    with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         for r in kept:
             shutil.copyfile(work / r["file"], tmp / r["file"])
@@ -170,19 +169,19 @@ def publish(params: dict, work: Path, log) -> dict:
         atomic_write_text(tmp / "summary.json", json.dumps(summary, indent=2))
     shutil.rmtree(work)
     log.metrics({"num_proxies": len(kept), "num_dropped": len(dropped)})
-    return {"images_dir": str(OUT / "images"), "manifest": str(OUT / "manifest.jsonl"),
-            "summary": str(OUT / "summary.json")}
+    return {"images_dir": str(out / "images"), "manifest": str(out / "manifest.jsonl"),
+            "summary": str(out / "summary.json")}
 
 
-def run(params: dict, log) -> dict:
-    """Write `outputs/synthesize/`: kept proxies in `images/`, their rows (file, prompt, seed, batch, position,
+def run(params: dict, log, paths: dict[str, Path]) -> dict:
+    """Write `paths["out"]`: kept proxies in `images/`, their rows (file, prompt, seed, batch, position,
     sha256, dino) in `manifest.jsonl`, the filtered-out rows in `dropped.jsonl`, counts in `summary.json`."""
     from accelerate import PartialState
 
-    return publish(params, render(params, device=PartialState().device), log)
+    return publish(params, render(params, paths, device=PartialState().device), paths["out"], log)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Under `accelerate launch`: every process renders its share of the batches into the shared work folder.
     The stage (`dvc repro`, or `python -m flows.pipeline --stage synthesize`) then finds them done and publishes."""
     from accelerate import PartialState
@@ -192,7 +191,8 @@ def main() -> int:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     print(f"synthesize: process {state.process_index} of {state.num_processes} on {state.device}", flush=True)
     try:
-        render(load_params(), state.process_index, state.num_processes, state.device)
+        params_file, paths = launched_stage_args("synthesize", argv)
+        render(load_params(params_file), paths, state.process_index, state.num_processes, state.device)
     except ProxytuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

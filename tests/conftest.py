@@ -1,4 +1,4 @@
-"""Shared fixtures: a throw-away project folder with the embedded tiny default built once per session."""
+"""Shared fixtures: throw-away data folders for the stages, with the embedded tiny default built once per session."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,9 @@ import yaml  # noqa: E402
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
 
 REPO = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", "bin", "tasks", "proxytune", "ar_models", "flows", "models/world"]
+# The tests run in the project (cwd = REPO: dvc.yaml and the shipped models/world are read from there) and
+# hand every stage its paths; each test's data lives in a tmp folder laid out as dvc.yaml lays the project out.
+BUILT = ("models/tiny", "data/demo_subject")  # written by bootstrap: each test folder gets its own copy
 
 # Small but real settings: every stage trains/samples a few steps so the suite stays fast.
 FAST = {
@@ -54,19 +56,42 @@ def assert_one_line(err: pytest.ExceptionInfo, *names: str) -> str:
     return msg
 
 
-def copy_project(dest: Path, overrides: dict | None = None) -> Path:
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / name)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
+def paths(root: Path, stage: str) -> dict[str, Path]:
+    """`stage`'s paths inside the test folder `root`, as dvc.yaml lays them out in the project."""
+    from proxytune.cache import stage_paths
+
+    return stage_paths(stage, root)
+
+
+def in_folder(params: dict, root: Path) -> dict:
+    """`params` with the paths bootstrap writes (tiny models, demo photos) pointing into `root`."""
+    def move(value):
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        if isinstance(value, str) and value.startswith(BUILT):
+            return str(root / value)
+        return value
+
+    return move(params)
+
+
+def write_params(root: Path, overrides: dict | None = None) -> Path:
+    """`root/params.yaml`: the project's params with FAST and `overrides`, the built paths inside `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in {**FAST, **(overrides or {})}.items():
         params.setdefault(section, {}).update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return dest
+    (root / "params.yaml").write_text(yaml.safe_dump(in_folder(params, root), sort_keys=False))
+    return root / "params.yaml"
+
+
+def edit_params(root: Path, section: str, **values) -> None:
+    """Change values of one section of `root/params.yaml`, as a user editing the file would."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="session")
@@ -75,23 +100,22 @@ def built_models(tmp_path_factory) -> Path:
     from proxytune.params import load_params
     from tasks import bootstrap
 
-    root = copy_project(tmp_path_factory.mktemp("built"))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        bootstrap.run(load_params(), RecordingLogger())
-    finally:
-        os.chdir(cwd)
+    root = tmp_path_factory.mktemp("built")
+    bootstrap.run(load_params(write_params(root)), RecordingLogger(), paths(root, "bootstrap"))
     return root
+
+
+def _with_built(root: Path, built: Path) -> None:
+    for name in BUILT:
+        shutil.copytree(built / name, root / name, dirs_exist_ok=True)
 
 
 @pytest.fixture
 def project(tmp_path, built_models, monkeypatch) -> Path:
-    """A fresh project folder (cwd) with the tiny models in place and isolated MLflow/Prefect stores."""
-    root = copy_project(tmp_path / "proj")
-    for name in ("models", "data"):
-        shutil.copytree(built_models / name, root / name, dirs_exist_ok=True)
-    monkeypatch.chdir(root)
+    """A fresh test folder: params.yaml, its own tiny models and demo photos, isolated MLflow/cache stores."""
+    root = tmp_path / "proj"
+    write_params(root)
+    _with_built(root, built_models)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     monkeypatch.setenv("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))
     return root
@@ -108,20 +132,18 @@ def staged(tmp_path_factory, built_models) -> Path:
     from proxytune.params import load_params
     from tasks import prepare, supervise, synthesize
 
-    root = copy_project(tmp_path_factory.mktemp("staged-through-synthesize"))
-    for name in ("models", "data"):
-        shutil.copytree(built_models / name, root / name, dirs_exist_ok=True)
+    root = tmp_path_factory.mktemp("staged-through-synthesize")
+    params = load_params(write_params(root))
+    _with_built(root, built_models)
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
         mp.setenv("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))
-        params = load_params()
         for stage in (prepare, supervise, synthesize):
-            stage.run(params, RecordingLogger())
+            stage.run(params, RecordingLogger(), paths(root, stage.__name__.rsplit(".", 1)[-1]))
     return root
 
 
 @pytest.fixture
 def synthesized(project, staged) -> Path:
-    """A project whose outputs already hold prepare, supervise and synthesize results."""
+    """A test folder whose outputs already hold prepare, supervise and synthesize results."""
     shutil.copytree(staged / "outputs", project / "outputs")
     return project

@@ -7,22 +7,17 @@ import subprocess
 import sys
 
 import mlflow
-import yaml
+import pytest
+from conftest import edit_params
 
 from flows.pipeline import main, pipeline
 
 AFTER_BOOTSTRAP = ["prepare", "supervise", "synthesize", "distill", "evaluate"]
 
 
-def _set_param(section: str, key: str, value) -> None:
-    params = yaml.safe_load(open("params.yaml"))
-    params[section][key] = value
-    with open("params.yaml", "w") as f:
-        yaml.safe_dump(params, f, sort_keys=False)
-
-
 def test_pipeline_runs_then_caches_and_recomputes_only_what_changed(project):
-    first = pipeline(stages=AFTER_BOOTSTRAP)
+    run = {"params_file": str(project / "params.yaml"), "under": str(project)}
+    first = pipeline(stages=AFTER_BOOTSTRAP, **run)
     assert [s for s, r in first.items() if r["cached"]] == []
 
     scores = json.loads((project / "outputs/metrics.json").read_text())
@@ -35,18 +30,18 @@ def test_pipeline_runs_then_caches_and_recomputes_only_what_changed(project):
     _check_mlflow_runs()
     lora_mtime = (project / "outputs/supervise/pytorch_lora_weights.safetensors").stat().st_mtime_ns
 
-    second = pipeline(stages=AFTER_BOOTSTRAP)
+    second = pipeline(stages=AFTER_BOOTSTRAP, **run)
     assert all(r["cached"] for r in second.values()), second
     assert (project / "outputs/supervise/pytorch_lora_weights.safetensors").stat().st_mtime_ns == lora_mtime
 
-    _set_param("student", "learning_rate", 5.0e-3)
-    third = pipeline(stages=AFTER_BOOTSTRAP)
+    edit_params(project, "student", learning_rate=5.0e-3)
+    third = pipeline(stages=AFTER_BOOTSTRAP, **run)
     assert {s: r["cached"] for s, r in third.items()} == {
         "prepare": True, "supervise": True, "synthesize": True, "distill": False, "evaluate": False}
 
     # A deleted output is never papered over by a cache hit.
     (project / "outputs/metrics.json").unlink()
-    fourth = pipeline(stages=["evaluate"])
+    fourth = pipeline(stages=["evaluate"], **run)
     assert fourth["evaluate"]["cached"] is False
     assert (project / "outputs/metrics.json").is_file()
 
@@ -71,20 +66,22 @@ def _check_mlflow_runs():
 
 
 def test_cli_reports_bad_params_in_one_line(project, capsys):
-    _set_param("subject", "name", "../x")
-    assert main([]) == 2
+    edit_params(project, "subject", name="../x")
+    assert main(["--params", str(project / "params.yaml"), "--under", str(project)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: params: subject.name '../x'")
 
 
 def test_bad_input_stops_the_flow_with_one_line_and_keeps_earlier_outputs(project, capsys):
-    assert main(["--stage", "prepare"]) == 0
+    run = ["--params", str(project / "params.yaml"), "--under", str(project)]
+    assert main([*run, "--stage", "prepare"]) == 0
     before = {p: p.read_bytes() for p in (project / "outputs/prepare").rglob("*") if p.is_file()}
     (project / "data/demo_subject/notes.txt").write_text("not a photo")
 
-    assert main(["--stage", "prepare", "--stage", "supervise"]) == 2
+    assert main([*run, "--stage", "prepare", "--stage", "supervise"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "error: stage prepare failed: data/demo_subject/notes.txt: not an image file PIL can read"
+    photo = project / "data/demo_subject/notes.txt"
+    assert err[-1] == f"error: stage prepare failed: {photo}: not an image file PIL can read"
     assert {p: p.read_bytes() for p in (project / "outputs/prepare").rglob("*") if p.is_file()} == before
     assert not (project / "outputs/supervise").exists()
 
@@ -96,3 +93,14 @@ def test_prefect_records_stay_inside_the_project(tmp_path):
             "print(s().home); print(s().results.local_storage_path)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == [str(tmp_path / ".prefect"), str(tmp_path / ".prefect" / "storage")]
+
+
+def test_one_stage_takes_its_paths_as_arguments(project, capsys):
+    """As dvc.yaml's cmd passes them: the stage writes exactly where it is told."""
+    out = project / "elsewhere" / "prepared"
+    assert main(["--params", str(project / "params.yaml"), "--stage", "prepare", "--out", str(out)]) == 0
+    assert (out / "captions.jsonl").is_file() and not (project / "outputs").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--params", str(project / "params.yaml"), "--stage", "prepare", "--prepared", "x"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --prepared x" in capsys.readouterr().err

@@ -17,7 +17,7 @@ def rows(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PROXYTUNE_CACHE", str(work / "cache"))
         config = claims.ClaimsConfig(subjects=(0,), seeds=(0, 1, 2), arms=("untuned", "two_stage"))
-        return claims.run(load_params(REPO / "params.yaml"), config, REPO, work)
+        return claims.run(load_params(REPO / "params.yaml"), config, work)
 
 
 @pytest.mark.parametrize("metric", ["dino", "clip_i"])

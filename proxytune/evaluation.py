@@ -1,0 +1,64 @@
+"""Drawing and scoring for evaluation: the tuned student's and the DreamBooth supervisor's samples, and the
+DreamBench evaluators. The evaluate stage and the claims runner share them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from proxytune import metrics
+from proxytune.cache import cache_dir
+from proxytune.diffusion import load_pipeline, sample
+from proxytune.images import to_pil
+from proxytune.params import ProxytuneError, get, local_path, model_source
+from proxytune.tuning import load_tuned
+
+
+def class_prompt(params: dict) -> str:
+    """The bare class prompt PRES draws (the one the student's prior-preservation data uses)."""
+    return f"a photo of {get(params, 'subject.class_noun')}"
+
+
+def student_samples(params: dict, prompts: list[str], distilled: Path) -> list[Image.Image]:
+    """The tuned student (base weights + the artifacts in `distilled`, whatever the method) draws `prompts`."""
+    e = params["evaluate"]
+    tuned = load_tuned(distilled, params["student"])
+    images = tuned.generate(prompts, cfg_scale=float(e["cfg_scale"]), temperature=float(e["temperature"]),
+                            top_k=int(e["top_k"]), top_p=float(e["top_p"]), seed=int(params["seed"]))
+    return to_pil(images)
+
+
+def supervisor_samples(params: dict, prompts: list[str], lora_dir: Path) -> list[Image.Image]:
+    """The DreamBooth supervisor (its LoRA in `lora_dir`) draws `prompts`, one seed per prompt."""
+    pipe = load_pipeline(model_source(params, "supervisor.model"), lora_dir=lora_dir)
+    seeds = [int(params["seed"]) * 7919 + i for i in range(len(prompts))]
+    return sample(pipe, prompts, seeds, int(get(params, "supervisor.sample_steps")),
+                  float(get(params, "supervisor.guidance_scale")),
+                  resolution=int(get(params, "prepare.resolution")))
+
+
+def load_evaluators(params: dict, notes: list[str]) -> tuple[metrics.EmbeddingCache, metrics.DinoEmbedder,
+                                                             metrics.ClipEmbedder, metrics.LpipsDistance | None]:
+    """DINO and CLIP (required) and LPIPS (optional: DIV is skipped, with a line in `notes`, when it cannot
+    load, since its backbone weights are often unavailable offline)."""
+    e = params["evaluate"]
+    cache = metrics.EmbeddingCache(cache_dir("embeddings"))
+    dino = metrics.DinoEmbedder(local_path(params, "evaluate.dino", "DINO model folder"), cache=cache)
+    try:
+        clip = metrics.ClipEmbedder(e["clip_model"], e["clip_pretrained"], config_dir=e.get("clip_config_dir") or None,
+                                    cache=cache, force_quick_gelu=bool(e["clip_quick_gelu"]))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ProxytuneError(f"params: evaluate.clip_model / clip_pretrained / clip_config_dir: {err}") from None
+    lpips = None
+    if not e["lpips_backbone"]:
+        notes.append("DIV skipped: evaluate.lpips_backbone is empty (LPIPS needs a local backbone checkpoint)")
+    else:
+        try:
+            lpips = metrics.LpipsDistance(e["lpips_backbone"], net=e["lpips_net"])
+        except ImportError:
+            notes.append("DIV skipped: the lpips package is not installed")
+        except FileNotFoundError as err:
+            notes.append(f"DIV skipped: evaluate.lpips_backbone: {err}")
+        except ValueError as err:
+            raise ProxytuneError(f"params: evaluate.lpips_backbone: {err}") from None
+    return cache, dino, clip, lpips
