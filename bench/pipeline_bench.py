@@ -17,11 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
-COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows"]
+COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "bin", "tasks", "proxytune", "ar_models", "flows", "models/world"]
 
 
 def fresh_project() -> Path:
+    """A copy of the project's tracked files, as a fresh clone has them: DVC runs in a git repository."""
     work = Path(tempfile.mkdtemp(prefix="proxytune-bench-"))
     for name in COPY:
         src = REPO / name
@@ -32,7 +35,7 @@ def fresh_project() -> Path:
 def dvc_repro_times(work: Path) -> dict[str, float]:
     """Wall time per stage of one `dvc repro`, from the moments DVC announces each stage."""
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PROXYTUNE_PYTHON": sys.executable}
     env.pop("PREFECT_HOME", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     start = time.perf_counter()
@@ -64,19 +67,23 @@ def bench_dvc() -> dict:
 
 
 def bench_flow() -> dict:
-    work = fresh_project()
-    os.chdir(work)
+    """The flow in this process, run from the project with every stage's data in a fresh folder."""
+    work = Path(tempfile.mkdtemp(prefix="proxytune-bench-"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["subject"]["images"] = str(work / params["subject"]["images"])  # bootstrap writes the photos there
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     os.environ["PREFECT_HOME"] = str(work / ".prefect")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    sys.path.insert(0, str(REPO))
+    os.environ["PROXYTUNE_CACHE"] = str(work / ".proxytune" / "cache")
     from flows.pipeline import STAGES, pipeline
 
-    pipeline(stages=[])  # start Prefect's temporary server once, outside the timings
+    run = {"params_file": str(work / "params.yaml"), "under": str(work)}
+    pipeline(stages=[], **run)  # start Prefect's temporary server once, outside the timings
     rows = {}
     for phase in ("cold", "warm"):
         for stage in STAGES:
             start = time.perf_counter()
-            result = pipeline(stages=[stage])[stage]
+            result = pipeline(stages=[stage], **run)[stage]
             rows.setdefault(stage, {})[phase] = time.perf_counter() - start
             rows[stage][f"{phase}_cached"] = result["cached"]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -88,7 +95,6 @@ def bench_flow() -> dict:
               f"{'' if r['warm_cached'] else '   (NOT cached)'}")
     print(f"{'total':<12}{cold:9.2f}{warm:9.2f}{warm / cold:11.3f}")
     print(f"peak RSS {peak_mb:.0f} MB")
-    os.chdir(REPO)
     shutil.rmtree(work, ignore_errors=True)
     return {"stages": rows, "peak_rss_mb": peak_mb}
 

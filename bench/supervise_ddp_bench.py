@@ -24,7 +24,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows"]
 SUPERVISOR = {"steps": 6, "batch_size": 4, "num_class_images": 2, "sample_steps": 2, "checkpoint_every": 0,
               "learning_rate": 1e-3}
 # fp32 gradients of two halves are summed in another order than the whole batch's; AdamW divides each gradient
@@ -132,40 +131,41 @@ def bench_recipes() -> dict:
 def bench_stage() -> dict:
     import yaml
 
-    from proxytune.cache import checkpoint_dir
+    from proxytune.cache import checkpoint_dir, stage_paths
     from proxytune.params import load_params
     from tasks import bootstrap, prepare, supervise
 
-    work = Path(tempfile.mkdtemp(prefix="proxytune-supervise-ddp-"))
-    for name in COPY:
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(REPO / name, work / name)
-    params = yaml.safe_load((work / "params.yaml").read_text())
+    work = Path(tempfile.mkdtemp(prefix="proxytune-supervise-ddp-"))  # every stage's data; the code stays in REPO
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["subject"]["images"] = str(work / params["subject"]["images"])  # bootstrap writes the photos there
     params["supervisor"].update(SUPERVISOR)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    os.chdir(work)
     os.environ["PROXYTUNE_CACHE"] = str(work / ".proxytune" / "cache")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    params = load_params()
-    for stage in (bootstrap, prepare):
-        stage.run(params, Log())
-    out = work / "outputs/supervise"
+    params = load_params(work / "params.yaml")
+    paths = {stage: stage_paths(stage, work) for stage in ("bootstrap", "prepare", "supervise")}
+    bootstrap.run(params, Log(), paths["bootstrap"])
+    prepare.run(params, Log(), paths["prepare"])
+    out, loss_csv = paths["supervise"]["out"], paths["supervise"]["loss_csv"]
 
     start = time.perf_counter()
-    supervise.run(params, Log())
+    supervise.run(params, Log(), paths["supervise"])
     one_s = time.perf_counter() - start
-    single, single_losses = lora(out), losses(work / "outputs/supervise_loss.csv")
+    single, single_losses = lora(out), losses(loss_csv)
     shutil.rmtree(out)
 
     bin_dir = Path(sys.executable).parent
     # `--cpu` alone starts one process (several need MPI): torchrun's launcher, on the CPU, with gloo
-    env = {**os.environ, "PYTHONPATH": str(work), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    flags = [arg for name, path in paths["supervise"].items() for arg in (f"--{name.replace('_', '-')}", str(path))]
     start = time.perf_counter()
     subprocess.run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                     "--num_cpu_threads_per_process", "1", "--num_machines", "1", "--mixed_precision", "no",
-                    "--dynamo_backend", "no", "-m", "tasks.supervise"], cwd=work, env=env, check=True)
+                    "--dynamo_backend", "no", "-m", "tasks.supervise", "--params", str(work / "params.yaml"), *flags],
+                   cwd=REPO, env=env, check=True)
     two_s = time.perf_counter() - start
     launched = lora(out)
-    two_losses = losses(work / "outputs/supervise_loss.csv")
+    two_losses = losses(loss_csv)
     if sorted(launched) != sorted(single):
         raise SystemExit("2-process LoRA has other tensors than the 1-process LoRA")
     diff = max((launched[k] - single[k]).abs().max().item() for k in single)
@@ -175,11 +175,10 @@ def bench_stage() -> dict:
     shutil.rmtree(out)
     log = Log()
     start = time.perf_counter()
-    supervise.run(params, log)  # what `dvc repro` runs next: resumes at the last step, only publishes
+    supervise.run(params, log, paths["supervise"])  # what `dvc repro` runs next: resumes at the last step, only publishes
     publish_s = time.perf_counter() - start
     republished = lora(out) == launched
-    folder_left = checkpoint_dir("supervise", params).exists()
-    os.chdir(REPO)
+    folder_left = checkpoint_dir("supervise", params, paths["supervise"]).exists()
     shutil.rmtree(work, ignore_errors=True)
 
     steps, batch = SUPERVISOR["steps"], SUPERVISOR["batch_size"]

@@ -23,7 +23,6 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows"]
 IMAGES, BATCH, STEPS, RESOLUTION = 16, 8, 10, 64
 
 
@@ -84,46 +83,47 @@ def bench_processes() -> dict:
     """The stage's own rendering, 1 process vs 2 (accelerate, gloo on CPU); identical results required."""
     import yaml
 
+    from proxytune.cache import stage_paths
     from proxytune.params import load_params
     from tasks import bootstrap, prepare, supervise, synthesize
 
-    work = Path(tempfile.mkdtemp(prefix="proxytune-synth-mp-"))
-    for name in COPY:
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy2)(REPO / name, work / name)
-    params = yaml.safe_load((work / "params.yaml").read_text())
+    work = Path(tempfile.mkdtemp(prefix="proxytune-synth-mp-"))  # every stage's data; the code stays in REPO
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["subject"]["images"] = str(work / params["subject"]["images"])  # bootstrap writes the photos there
     params["supervisor"].update(steps=2, num_class_images=2)
     params["synthesize"].update(num_images=16, batch_size=4)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    os.chdir(work)
     os.environ["PROXYTUNE_CACHE"] = str(work / ".proxytune" / "cache")
-    params = load_params()
+    params = load_params(work / "params.yaml")
+    paths = {stage: stage_paths(stage, work) for stage in ("bootstrap", "prepare", "supervise", "synthesize")}
     for stage in (bootstrap, prepare, supervise):
-        stage.run(params, Log())
+        stage.run(params, Log(), paths[stage.__name__.rsplit(".", 1)[-1]])
 
     torch.set_num_threads(1)  # the accelerate processes get one thread each: same kernels, same pixels
     start = time.perf_counter()
-    synthesize.run(params, Log())
+    synthesize.run(params, Log(), paths["synthesize"])
     one = time.perf_counter() - start
-    single = (work / "outputs/synthesize/manifest.jsonl").read_bytes()
-    shutil.rmtree(work / "outputs/synthesize")
+    out = paths["synthesize"]["out"]
+    single = (out / "manifest.jsonl").read_bytes()
+    shutil.rmtree(out)
 
     bin_dir = Path(sys.executable).parent
     # `--cpu` alone starts one process (several need MPI); `--multi_gpu` with ACCELERATE_USE_CPU gives gloo ranks
-    env = {**os.environ, "PYTHONPATH": str(work), "ACCELERATE_USE_CPU": "true"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true"}
+    flags = [arg for name, path in paths["synthesize"].items() for arg in (f"--{name.replace('_', '-')}", str(path))]
     start = time.perf_counter()
     launch = subprocess.run([str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                              "--num_cpu_threads_per_process", "1", "--num_machines", "1", "--mixed_precision", "no",
-                             "--dynamo_backend", "no", "-m", "tasks.synthesize"], cwd=work, env=env, check=True,
-                            capture_output=True, text=True)
+                             "--dynamo_backend", "no", "-m", "tasks.synthesize", "--params", str(work / "params.yaml"),
+                             *flags], cwd=REPO, env=env, check=True, capture_output=True, text=True)
     ranks = {line.split(" of ")[0] for line in launch.stdout.splitlines() if line.startswith("synthesize: process")}
     if ranks != {"synthesize: process 0", "synthesize: process 1"}:
         raise SystemExit(f"accelerate did not start 2 ranks: {launch.stdout!r}")
-    synthesize.run(params, Log())  # finds every batch rendered, publishes
+    synthesize.run(params, Log(), paths["synthesize"])  # finds every batch rendered, publishes
     two = time.perf_counter() - start
-    merged = (work / "outputs/synthesize/manifest.jsonl").read_bytes()
+    merged = (out / "manifest.jsonl").read_bytes()
     if merged != single:
         raise SystemExit("2-process synthesis published a different manifest than 1 process")
-    os.chdir(REPO)
     shutil.rmtree(work, ignore_errors=True)
     n = params["synthesize"]["num_images"]
     rows = {"images": n, "one_process_s": one, "two_processes_s": two, "identical_manifest": True}

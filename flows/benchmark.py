@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from proxytune.dreambench import load_dreambench
 from proxytune.params import ProxytuneError, load_params
 from proxytune.stage import is_current as stage_is_current
+from proxytune.stage import resolve_paths
 from tasks.bootstrap import bootstrap_task
 from tasks.subject import aggregate, is_current, run_subject, subject_params
 
@@ -27,30 +28,32 @@ OUT = "outputs/benchmark"
 
 @flow(name="proxytune-benchmark", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def benchmark(dataset: str, subjects: list[str] | None = None, params_file: str = "params.yaml",
-              out: str = OUT) -> dict:
-    """Run every subject (None: all under `dataset`), then aggregate those that succeeded.
+              out: str | None = None, under: str = ".") -> dict:
+    """Run every subject (None: all under `dataset`), then aggregate those that succeeded. The data (bootstrap's
+    models, `runs/<subject>/`, the report: `out`, default OUT) goes below `under`; the code is the cwd's project.
 
     Returns the report's paths plus, per subject, whether it came from cache or failed (with the reason).
     """
-    root = Path.cwd()
+    root, under = Path.cwd(), str(Path(under).resolve())
     base = load_params(params_file)
     chosen = load_dreambench(dataset, subjects)
-    boot = bootstrap_task.with_options(refresh_cache=not stage_is_current("bootstrap", params_file))
-    if boot(params_file, return_state=True).is_failed():
+    paths = {name: str(path) for name, path in resolve_paths("bootstrap", under=under).items()}
+    boot = bootstrap_task.with_options(refresh_cache=not stage_is_current("bootstrap", params_file, paths))
+    if boot(params_file, paths, return_state=True).is_failed():
         raise ProxytuneError("benchmark: bootstrap failed")
     params = [subject_params(base, s) for s in chosen]
     # A subject whose run folder no longer matches its inputs must not be served from Prefect's cache.
     states = {}
     for refresh in (False, True):
-        group = [p for p in params if is_current(root, p) != refresh]
+        group = [p for p in params if is_current(root, under, p) != refresh]
         if group:
-            futures = run_subject.with_options(refresh_cache=refresh).map(unmapped(str(root)), group)
+            futures = run_subject.with_options(refresh_cache=refresh).map(unmapped(str(root)), unmapped(under), group)
             for p, future in zip(group, futures):
                 future.wait()
                 states[p["subject"]["name"]] = future.state
     results = [s.result() for s in states.values() if s.is_completed()]
     failures = {name: str(s.result(raise_on_failure=False)) for name, s in states.items() if not s.is_completed()}
-    report = aggregate(results, failures, out, label=f"benchmark-{Path(dataset).name}-{len(chosen)}")
+    report = aggregate(results, failures, out or str(Path(under) / OUT), label=f"benchmark-{Path(dataset).name}-{len(chosen)}")
     return {"report": report, "failed": failures,
             "subjects": {name: {"cached": s.name == "Cached", "failed": not s.is_completed()}
                          for name, s in states.items()}}
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", help="folder laid out like google/dreambooth's dataset/")
     parser.add_argument("--subject", action="append", help="only this subject (repeatable; default: all)")
     parser.add_argument("--params", default="params.yaml", help="base params file (default: params.yaml)")
-    parser.add_argument("--out", default=OUT, help=f"report folder (default: {OUT})")
+    parser.add_argument("--out", help=f"report folder (default: {OUT} below --under)")
+    parser.add_argument("--under", default=".", help="keep the subjects' runs and the report below this folder")
     parser.add_argument("--workers", type=int, default=1, help="subjects run at once (default: 1)")
     args = parser.parse_args(argv)
     try:
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runner = benchmark.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, args.workers)))
-    state = runner(args.dataset, args.subject, args.params, args.out, return_state=True)
+    state = runner(args.dataset, args.subject, args.params, args.out, args.under, return_state=True)
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 2

@@ -6,18 +6,20 @@ import json
 import os
 from pathlib import Path
 
+from proxytune.cache import stage_paths
 from proxytune.tracking import tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="python -m proxytune.summary", description=__doc__).parse_args(argv)
     root = Path.cwd()
-    metrics = root / "outputs/metrics.json"
+    supervise, distill, evaluate = (stage_paths(stage, root) for stage in ("supervise", "distill", "evaluate"))
+    metrics = evaluate["metrics"]
     print("\nproxytune demo finished. Outputs:")
     print(f"  metrics       {metrics}   (dvc metrics show)")
-    print(f"  image grid    {root / 'outputs/evaluate/grid.png'}   (references | supervisor | student)")
-    print(f"  loss curves   {root / 'outputs/supervise_loss.csv'}, {root / 'outputs/distill_loss.csv'}   (dvc plots show)")
-    print(f"  adapters      {root / 'outputs/supervise/pytorch_lora_weights.safetensors'}, {root / 'outputs/distill/adapter'}")
+    print(f"  image grid    {evaluate['out'] / 'grid.png'}   (references | supervisor | student)")
+    print(f"  loss curves   {supervise['loss_csv']}, {distill['loss_csv']}   (dvc plots show)")
+    print(f"  adapters      {supervise['out']}, {distill['out']}")
     print(f"  MLflow store  {tracking_uri()}   (mlflow ui --backend-store-uri {tracking_uri()})")
     print(f"  Prefect       {os.environ.get('PREFECT_HOME', root / '.prefect')}   (make prefect-server, then open http://127.0.0.1:4200)")
     if metrics.is_file():

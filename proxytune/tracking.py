@@ -25,6 +25,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+def _artifact_root() -> Path:
+    """Artifacts sit beside a sqlite store (`mlflow.db` -> `mlartifacts/`), so a store elsewhere keeps its own."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+    return Path.cwd() / "mlartifacts"
+
+
 def setup():
     """(mlflow, client, experiment id) for the project's store, creating the experiment on first use."""
     import mlflow
@@ -33,7 +41,7 @@ def setup():
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
-        artifacts = (Path.cwd() / "mlartifacts").as_uri()
+        artifacts = _artifact_root().as_uri()
         exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts)
     else:
         exp_id = exp.experiment_id

@@ -57,9 +57,9 @@ def _outputs(root: Path, work: Path) -> dict[str, Path]:
             "grid": evaluate["out"] / "grid.png", "cache": evaluate["out"] / CACHE_STATS_FILE}
 
 
-def is_current(root: Path, params: dict) -> bool:
-    """Whether `runs/<name>/` still holds the results of a run with exactly these inputs."""
-    work = root / RUNS / params["subject"]["name"]
+def is_current(root: Path, under: str | Path, params: dict) -> bool:
+    """Whether `runs/<name>/` below `under` still holds the results of a run with exactly these inputs."""
+    work = Path(under) / RUNS / params["subject"]["name"]
     stamp = work / STAMP
     if not stamp.is_file() or not all(p.is_file() for p in _outputs(root, work).values()):
         return False
@@ -68,8 +68,8 @@ def is_current(root: Path, params: dict) -> bool:
     return recorded == {"key": subject_key(root, params), "outputs": outputs}
 
 
-def _work_dir(root: Path, params: dict) -> Path:
-    work = root / RUNS / params["subject"]["name"]
+def _work_dir(under: Path, params: dict) -> Path:
+    work = under / RUNS / params["subject"]["name"]
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "params.yaml", yaml.safe_dump(params, sort_keys=False))
     return work
@@ -91,15 +91,17 @@ class SubjectCache(CachePolicy):
     """Keyed on `subject_key`: a subject re-runs when its photos, params, code or models change, alone."""
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        return "subject-" + subject_key(Path(inputs["root"]), inputs["params"])
+        # where the run keeps its data is part of the result (its paths), so part of the key
+        return "subject-" + sha256_json([subject_key(Path(inputs["root"]), inputs["params"]), inputs["under"]])
 
 
 @task(name="subject", cache_policy=SubjectCache(), persist_result=True, result_serializer="json",
       task_run_name="subject-{params[subject][name]}")
-def run_subject(root: str, params: dict) -> dict[str, str]:
-    """Run prepare..evaluate for one subject in `runs/<name>/`; return its result files (paths)."""
+def run_subject(root: str, under: str, params: dict) -> dict[str, str]:
+    """Run prepare..evaluate for one subject of the project `root`, its data in `runs/<name>/` below `under`;
+    return its result files (paths)."""
     root = Path(root)
-    work = _work_dir(root, params)
+    work = _work_dir(Path(under), params)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
            "PROXYTUNE_CACHE": os.environ.get("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))}
     if api := _prefect_api_url():

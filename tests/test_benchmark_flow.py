@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, paths
 from PIL import Image
 
 from flows.benchmark import benchmark
@@ -27,24 +27,27 @@ TINIEST = {
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/dreambench not present")
-def test_four_subjects_run_cache_and_survive_a_failing_one(project, tmp_path):
+def test_four_subjects_run_cache_and_survive_a_failing_one(project, tmp_path, monkeypatch):
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in TINIEST.items():
         params[section].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    write_stamp("bootstrap", stage_key("bootstrap", load_params()))  # models/ came from the session's bootstrap
+    params_file = project / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    boot = paths(project, "bootstrap")  # models/ came from the session's bootstrap
+    write_stamp("bootstrap", stage_key("bootstrap", load_params(params_file), boot), boot)
+    out = project / "outputs/benchmark"
+    run = {"params_file": str(params_file), "under": str(project)}
     dataset = tmp_path / "dreambench"
     shutil.copytree(SHARED, dataset)
     (dataset / "dog2").mkdir()  # listed in prompts_and_classes.txt; one photo is too few for `prepare`
     Image.new("RGB", (80, 80), "red").save(dataset / "dog2" / "00.jpg")
 
-    first = benchmark(str(dataset))
+    first = benchmark(str(dataset), **run)
     assert sorted(first["subjects"]) == sorted([*SUBJECTS, "dog2"])
     assert list(first["failed"]) == ["dog2"] and "dog2" in first["failed"]["dog2"]
     assert "at least 2" in first["failed"]["dog2"]
     assert not any(s["cached"] for s in first["subjects"].values())
 
-    out = project / "outputs/benchmark"
     table = pd.read_csv(out / "scores.csv")
     assert sorted(set(table["subject"])) == SUBJECTS and len(table) == len(SUBJECTS) * 2  # x 2 methods, 1 prompt
     assert set(table.loc[table["subject"] == "dog", "prompt"]) == {"a sks dog in the jungle"}
@@ -66,14 +69,14 @@ def test_four_subjects_run_cache_and_survive_a_failing_one(project, tmp_path):
     assert "dog.student.clip_t" in runs[0].data.metrics
 
     # Nothing changed: every subject comes from Prefect's cache; nothing is re-embedded.
-    second = benchmark(str(dataset), SUBJECTS)
+    second = benchmark(str(dataset), SUBJECTS, **run)
     assert all(s["cached"] for s in second["subjects"].values()) and not second["failed"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "scores.csv"), table)
 
     # One subject's results lost: only it re-runs; its evaluation regenerates the same images, whose
     # embeddings (and the references') are all served from the embedding cache.
     (project / "runs/dog/outputs/metrics.json").unlink()
-    third = benchmark(str(dataset), SUBJECTS)
+    third = benchmark(str(dataset), SUBJECTS, **run)
     assert {n: s["cached"] for n, s in third["subjects"].items()} == {
         "backpack": True, "can": True, "cat": True, "dog": False}
     stats = json.loads((project / "runs/dog/outputs/evaluate/embedding_cache.json").read_text())

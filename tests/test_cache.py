@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import copy_project
+from conftest import FAST, REPO, paths, write_params
 
 from proxytune import cache
 from proxytune.cache import outputs_current, stage_key, write_stamp
@@ -29,23 +29,43 @@ FAKE_MODELS = {
     "models/tiny/evaluators/clip/open_clip_model.safetensors": b"clip" * 2048,
     "models/tiny/evaluators/clip/proxytune-tiny-clip.json": b'{"embed_dim": 8}',
 }
+# The params name those files (as the tiny default did), so their contents are part of the keys.
+TINY_MODELS = {
+    "supervisor": {"model": "models/tiny/supervisor"},
+    "student": {"checkpoint": "models/tiny/llamagen/t2i.pt", "vq_checkpoint": "models/tiny/llamagen/vq.pt",
+                "text_encoder": "models/tiny/llamagen/text_encoder"},
+    "evaluate": {"dino": "models/tiny/evaluators/dino",
+                 "clip_pretrained": "models/tiny/evaluators/clip/open_clip_model.safetensors",
+                 "clip_config_dir": "models/tiny/evaluators/clip"},
+}
 
 
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
-    """A project folder (cwd) with the code, params, demo subject and stand-in model files."""
-    root = copy_project(tmp_path / "proj")
+    """A test folder with params.yaml, the demo subject and stand-in model files (the code stays in REPO)."""
+    root = tmp_path / "proj"
+    write_params(root, {section: {**FAST.get(section, {}), **values} for section, values in TINY_MODELS.items()})
     write_demo_subject(root / "data" / "demo_subject")
     for rel, data in FAKE_MODELS.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
-    monkeypatch.chdir(root)
     monkeypatch.setenv("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))
     return root
 
 
-def keys(params: dict, root: Path | None = None) -> dict[str, str]:
-    return {s: stage_key(s, params, root) for s in STAGES}
+def keys(params: dict, root: Path) -> dict[str, str]:
+    """Every stage's key, each with its paths laid out below `root`."""
+    return {s: stage_key(s, params, paths(root, s)) for s in STAGES}
+
+
+def code_copy(root: Path, dep: str) -> Path:
+    """dvc.yaml and the code file `dep`, copied as plain data so a test may edit them: the code deps are hashed
+    in the project (stage_key's `project`), and the real worktree must never change under a running suite."""
+    root.mkdir(parents=True)
+    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / dep).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / dep, root / dep)
+    return root
 
 
 def bump_mtime(path: Path) -> None:
@@ -63,9 +83,9 @@ def flip_last_byte(path: Path) -> None:
 
 
 def test_keys_are_stable_and_distinct(project):
-    params = load_params()
-    first = keys(params)
-    assert keys(load_params()) == first
+    params = load_params(project / "params.yaml")
+    first = keys(params, project)
+    assert keys(load_params(project / "params.yaml"), project) == first
     assert len(set(first.values())) == len(STAGES)
     assert all(len(k) == 64 for k in first.values())
 
@@ -77,60 +97,74 @@ def test_keys_are_stable_and_distinct(project):
     ("distill", "ar_models/llamagen.py"),
     ("distill", "models/tiny/llamagen/t2i.pt"),     # named by a param (student.checkpoint)
 ])
-def test_key_follows_contents_not_mtime(project, stage, dep):
-    params = load_params()
-    path = project / dep
+def test_key_follows_contents_not_mtime(project, tmp_path, stage, dep):
+    params = load_params(project / "params.yaml")
+    where = paths(project, stage)
+    # Data deps live in the test folder; code deps are hashed in the project, here a copy of the one file.
+    code = code_copy(tmp_path / "code", dep) if (REPO / dep).is_file() else None
+    path = (code or project) / dep
     assert path.is_file()
-    before = stage_key(stage, params)
+
+    def key():
+        return stage_key(stage, params, where, code)
+
+    before = key()
 
     bump_mtime(path)
     path.touch()
-    assert stage_key(stage, params) == before, "touching a dep without changing it must keep the key"
+    assert key() == before, "touching a dep without changing it must keep the key"
 
     original = path.read_bytes()
     flip_last_byte(path)
-    changed = stage_key(stage, params)
+    changed = key()
     assert changed != before, "changing one byte of a dep must change the key"
 
     path.write_bytes(original)
-    assert stage_key(stage, params) == before, "restoring the content restores the key"
+    assert key() == before, "restoring the content restores the key"
 
 
 def test_new_file_in_dep_folder_changes_key(project):
-    params = load_params()
-    before = stage_key("prepare", params)
+    params = load_params(project / "params.yaml")
+    before = stage_key("prepare", params, paths(project, "prepare"))
     shutil.copy(project / "data/demo_subject/00.jpg", project / "data/demo_subject/04.jpg")
-    assert stage_key("prepare", params) != before
+    assert stage_key("prepare", params, paths(project, "prepare")) != before
 
 
 def test_renaming_a_file_in_a_dep_folder_changes_key(project):
-    params = load_params()
-    before = stage_key("prepare", params)
+    params = load_params(project / "params.yaml")
+    before = stage_key("prepare", params, paths(project, "prepare"))
     os.replace(project / "data/demo_subject/00.jpg", project / "data/demo_subject/zz.jpg")
-    assert stage_key("prepare", params) != before
+    assert stage_key("prepare", params, paths(project, "prepare")) != before
 
 
-def test_copied_project_has_same_keys(project, tmp_path, monkeypatch):
-    params = load_params()
-    here = keys(params)
+def test_copied_project_has_same_keys(project, tmp_path):
+    """Input data copied elsewhere gives the same keys: deps given as paths are hashed by content, not place.
+    (Where a stage writes is part of its key, so the outputs stay where they were.)"""
+    params = load_params(project / "params.yaml")
+    here = keys(params, project)
     other = tmp_path / "elsewhere" / "copy"
     shutil.copytree(project, other)
     # Different mtimes too: the copy was written later; push them further to be sure.
     for p in other.rglob("*"):
         if p.is_file():
             bump_mtime(p)
-    assert keys(params, other) == here
-    monkeypatch.chdir(other)
-    assert keys(load_params()) == here
+
+    def inputs_from_copy(stage: str) -> dict[str, Path]:
+        written = set(cache.output_names(stage))
+        return {name: (path if name in written else other / path.relative_to(project))
+                for name, path in paths(project, stage).items()}
+
+    assert {s: stage_key(s, params, inputs_from_copy(s)) for s in STAGES} == here
+    assert {s: stage_key(s, load_params(other / "params.yaml"), inputs_from_copy(s)) for s in STAGES} == here
 
 
 def test_student_param_changes_only_downstream_keys(project):
-    params = load_params()
-    before = keys(params)
+    params = load_params(project / "params.yaml")
+    before = keys(params, project)
     for name, value in [("steps", 999), ("lora_rank", 16), ("learning_rate", 5e-4)]:
         changed = copy.deepcopy(params)
         changed["student"][name] = value
-        after = keys(changed)
+        after = keys(changed, project)
         for stage in ("distill", "evaluate"):
             assert after[stage] != before[stage], (name, stage)
         for stage in ("bootstrap", "prepare", "supervise", "synthesize"):
@@ -138,11 +172,11 @@ def test_student_param_changes_only_downstream_keys(project):
 
 
 def test_supervisor_steps_changes_supervise_key(project):
-    params = load_params()
-    before = keys(params)
+    params = load_params(project / "params.yaml")
+    before = keys(params, project)
     changed = copy.deepcopy(params)
     changed["supervisor"]["steps"] = int(params["supervisor"]["steps"]) + 1
-    after = keys(changed)
+    after = keys(changed, project)
     assert after["supervise"] != before["supervise"]
     for stage in ("bootstrap", "prepare"):
         assert after[stage] == before[stage], stage
@@ -150,47 +184,50 @@ def test_supervisor_steps_changes_supervise_key(project):
 
 def test_subject_images_path_param_changes_prepare_key(project, tmp_path):
     """Pointing subject.images at different photos changes prepare's key (content of the new folder)."""
-    params = load_params()
-    before = stage_key("prepare", params)
+    params = load_params(project / "params.yaml")
+    before = stage_key("prepare", params, paths(project, "prepare"))
     other = tmp_path / "other_photos"
     shutil.copytree(project / "data/demo_subject", other)
     flip_last_byte(other / "01.jpg")
     changed = copy.deepcopy(params)
     changed["subject"]["images"] = str(other)
-    assert stage_key("prepare", changed) != before
+    assert stage_key("prepare", changed, paths(project, "prepare")) != before
 
 
 # ---------------------------------------------------------------- stamps
 
 
 def make_outputs(root: Path) -> Path:
-    out = root / "outputs" / "prepare"
+    out = paths(root, "prepare")["out"]
     (out / "instance").mkdir(parents=True)
     (out / "instance" / "00.png").write_bytes(b"png-bytes-0")
     (out / "captions.jsonl").write_text('{"file": "instance/00.png"}\n')
     return out
 
 
-def test_stamp_marks_outputs_current(project):
+def test_stamp_marks_outputs_current(project, tmp_path):
     out = make_outputs(project)
-    key = stage_key("prepare", load_params())
-    assert not outputs_current("prepare", key), "no stamp yet"
-    write_stamp("prepare", key)
-    assert outputs_current("prepare", key)
-    assert outputs_current("prepare", key, project)
-    assert not outputs_current("prepare", "0" * 64), "a different key"
-    assert not outputs_current("supervise", key), "another stage has no stamp"
+    where = paths(project, "prepare")
+    key = stage_key("prepare", load_params(project / "params.yaml"), where)
+    assert not outputs_current("prepare", key, where), "no stamp yet"
+    write_stamp("prepare", key, where)
+    assert outputs_current("prepare", key, where)
+    assert outputs_current("prepare", key, paths(project, "prepare"))
+    assert not outputs_current("prepare", key, paths(tmp_path / "elsewhere", "prepare")), "outputs in another place"
+    assert not outputs_current("prepare", "0" * 64, where), "a different key"
+    assert not outputs_current("supervise", key, paths(project, "supervise")), "another stage has no stamp"
 
     bump_mtime(out / "captions.jsonl")
-    assert outputs_current("prepare", key), "an mtime alone does not make outputs stale"
+    assert outputs_current("prepare", key, where), "an mtime alone does not make outputs stale"
 
 
 @pytest.mark.parametrize("change", ["modify", "append", "delete_file", "add_file", "delete_dir"])
 def test_stamp_invalidated_by_output_change(project, change):
     out = make_outputs(project)
-    key = stage_key("prepare", load_params())
-    write_stamp("prepare", key)
-    assert outputs_current("prepare", key)
+    where = paths(project, "prepare")
+    key = stage_key("prepare", load_params(project / "params.yaml"), where)
+    write_stamp("prepare", key, where)
+    assert outputs_current("prepare", key, where)
     png = out / "instance" / "00.png"
     if change == "modify":
         flip_last_byte(png)
@@ -203,40 +240,43 @@ def test_stamp_invalidated_by_output_change(project, change):
         (out / "instance" / "01.png").write_bytes(b"stray")
     elif change == "delete_dir":
         shutil.rmtree(out)
-    assert not outputs_current("prepare", key)
+    assert not outputs_current("prepare", key, where)
 
 
 def test_stamp_checks_every_declared_output(project):
     """supervise declares a folder and a plot csv: losing either makes it stale."""
-    (project / "outputs" / "supervise").mkdir(parents=True)
-    (project / "outputs" / "supervise" / "lora.safetensors").write_bytes(b"w")
-    csv = project / "outputs" / "supervise_loss.csv"
+    where = paths(project, "supervise")
+    where["out"].mkdir(parents=True)
+    (where["out"] / "lora.safetensors").write_bytes(b"w")
+    csv = where["loss_csv"]
     csv.write_text("step,loss\n0,1.0\n")
-    key = stage_key("supervise", load_params())
-    write_stamp("supervise", key)
-    assert outputs_current("supervise", key)
+    key = stage_key("supervise", load_params(project / "params.yaml"), where)
+    write_stamp("supervise", key, where)
+    assert outputs_current("supervise", key, where)
     csv.unlink()
-    assert not outputs_current("supervise", key)
+    assert not outputs_current("supervise", key, where)
 
 
 def test_stamp_written_for_missing_outputs_is_not_current(project):
-    key = stage_key("prepare", load_params())
-    write_stamp("prepare", key)  # nothing in outputs/prepare
-    assert not outputs_current("prepare", key)
+    where = paths(project, "prepare")
+    key = stage_key("prepare", load_params(project / "params.yaml"), where)
+    write_stamp("prepare", key, where)  # nothing in outputs/prepare
+    assert not outputs_current("prepare", key, where)
 
 
 def test_restamp_with_new_key(project):
     make_outputs(project)
-    params = load_params()
-    old = stage_key("prepare", params)
-    write_stamp("prepare", old)
+    where = paths(project, "prepare")
+    params = load_params(project / "params.yaml")
+    old = stage_key("prepare", params, where)
+    write_stamp("prepare", old, where)
     params["prepare"]["resolution"] += 16
-    new = stage_key("prepare", params)
+    new = stage_key("prepare", params, where)
     assert new != old
-    assert not outputs_current("prepare", new)
-    write_stamp("prepare", new)
-    assert outputs_current("prepare", new)
-    assert not outputs_current("prepare", old)
+    assert not outputs_current("prepare", new, where)
+    write_stamp("prepare", new, where)
+    assert outputs_current("prepare", new, where)
+    assert not outputs_current("prepare", old, where)
 
 
 def test_cache_dir_honours_env(project, monkeypatch, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,9 +13,27 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import copy_project
+import yaml
+from conftest import FAST, REPO
 
 BIN = Path(sys.executable).parent
+TRACKED = ["params.yaml", "dvc.yaml", ".dvcignore", "bin", "tasks", "proxytune", "ar_models", "flows", "models/world"]
+
+
+def clone_project(dest: Path) -> Path:
+    """What a fresh clone holds (DVC needs a git repository of its own), with the suite's FAST params."""
+    for name in TRACKED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for section, values in FAST.items():
+        params[section].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
 
 
 def _free_port() -> int:
@@ -52,7 +71,7 @@ def _run(args, cwd, env):
 
 
 def test_dvc_repro_then_up_to_date_then_experiment(tmp_path, prefect_server):
-    root = copy_project(tmp_path / "proj")
+    root = clone_project(tmp_path / "proj")
     # As after `make demo`: the project's .venv holds the stack, and nothing is activated or on PATH.
     (root / ".venv").symlink_to(sys.prefix, target_is_directory=True)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,9 +31,8 @@ def test_load_params_reads_the_default(tmp_path, repo_params):
     assert params["subject"]["name"] == "demo_toy"
 
 
-def test_load_params_defaults_to_cwd(tmp_path, monkeypatch, repo_params):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params))
-    monkeypatch.chdir(tmp_path)
+def test_load_params_defaults_to_cwd(repo_params):
+    assert Path.cwd() == REPO  # the tests run in the project
     assert load_params() == repo_params
 
 
@@ -42,11 +43,15 @@ def test_missing_file(tmp_path):
     assert_one_line(err, str(path))
 
 
-def test_missing_default_file_in_cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ProxytuneError) as err:
-        load_params()
-    assert_one_line(err, "params.yaml")
+def test_missing_default_file_in_cwd(tmp_path):
+    """Run where there is no params.yaml (a child process: the tests never leave the project)."""
+    code = ("from proxytune.params import ProxytuneError, load_params\n"
+            "try:\n    load_params()\nexcept ProxytuneError as e:\n    print(e)\nelse:\n    print('loaded')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(REPO)})
+    msg = out.stdout.rstrip("\n")
+    assert msg and "\n" not in msg, f"error message must be one line: {msg!r}"
+    assert msg != "loaded" and "params.yaml" in msg
 
 
 def test_a_folder_is_not_a_params_file(tmp_path):
@@ -131,26 +136,25 @@ def test_get_missing_names_dotted_parameter(dotted):
     assert_one_line(err, dotted)
 
 
-def test_local_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_local_path(tmp_path):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "w.pt").write_bytes(b"x")
-    params = {"m": {"weights": "models/w.pt", "folder": "models", "gone": "models/gone.pt"}}
-    assert local_path(params, "m.weights") == Path("models/w.pt")
-    assert local_path(params, "m.folder", "folder") == Path("models")
+    params = {"m": {"weights": str(tmp_path / "models/w.pt"), "folder": str(tmp_path / "models"),
+                    "gone": str(tmp_path / "models/gone.pt")}}
+    assert local_path(params, "m.weights") == tmp_path / "models/w.pt"
+    assert local_path(params, "m.folder", "folder") == tmp_path / "models"
     with pytest.raises(ProxytuneError) as err:
         local_path(params, "m.gone", "weights file")
-    assert_one_line(err, "m.gone", "models/gone.pt")
+    assert_one_line(err, "m.gone", str(tmp_path / "models/gone.pt"))
     with pytest.raises(ProxytuneError) as err:
         local_path(params, "m.absent")
     assert_one_line(err, "m.absent")
 
 
-def test_model_source(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_model_source(tmp_path):
     (tmp_path / "models" / "sd").mkdir(parents=True)
     params = {"supervisor": {
-        "local": "models/sd",
+        "local": "models/world/supervisor",  # relative to the project (cwd), as params.yaml names it
         "absolute": str(tmp_path / "models" / "sd"),
         "hub": "runwayml/stable-diffusion-v1-5",
         "hub2": "org/name",
@@ -159,7 +163,7 @@ def test_model_source(tmp_path, monkeypatch):
         "garbage": "not a model",
         "three": "a/b/c",
     }}
-    assert model_source(params, "supervisor.local") == "models/sd"
+    assert model_source(params, "supervisor.local") == "models/world/supervisor"
     assert model_source(params, "supervisor.absolute") == str(tmp_path / "models" / "sd")
     assert model_source(params, "supervisor.hub") == "runwayml/stable-diffusion-v1-5"
     assert model_source(params, "supervisor.hub2") == "org/name"
@@ -188,7 +192,7 @@ def test_choice():
 def test_load_student_errors_name_the_parameter(project):
     from ar_models import load_student
 
-    student = load_params()["student"]
+    student = load_params(project / "params.yaml")["student"]
     assert load_student(copy.deepcopy(student)) is not None  # the default loads
 
     bad = copy.deepcopy(student)
@@ -198,19 +202,19 @@ def test_load_student_errors_name_the_parameter(project):
     assert_one_line(err, "student.family", "nosuchfamily")
 
     bad = copy.deepcopy(student)
-    bad["checkpoint"] = "models/tiny/llamagen/missing.pt"
+    bad["checkpoint"] = str(project / "models/tiny/llamagen/missing.pt")
     with pytest.raises(ProxytuneError) as err:
         load_student(bad)
     assert_one_line(err, "student.checkpoint", "missing.pt")
 
     bad = copy.deepcopy(student)
-    bad["checkpoint"] = "models/tiny/llamagen"  # a folder, not a weights file
+    bad["checkpoint"] = str(project / "models/tiny/llamagen")  # a folder, not a weights file
     with pytest.raises(ProxytuneError) as err:
         load_student(bad)
     assert_one_line(err, "student.checkpoint")
 
     bad = copy.deepcopy(student)
-    bad["vq_checkpoint"] = "models/tiny/llamagen/missing_vq.pt"
+    bad["vq_checkpoint"] = str(project / "models/tiny/llamagen/missing_vq.pt")
     with pytest.raises(ProxytuneError) as err:
         load_student(bad)
     assert_one_line(err, "student.vq_checkpoint")

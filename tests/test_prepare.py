@@ -7,14 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import assert_one_line
+from conftest import assert_one_line, paths
 from PIL import Image, ImageOps
 
 from proxytune.io import read_jsonl
 from proxytune.params import ProxytuneError, load_params
 from tasks import prepare
-
-OUT = Path("outputs/prepare")
 
 
 def noisy(size=(96, 80), mode="RGB", seed=0) -> Image.Image:
@@ -26,12 +24,12 @@ def noisy(size=(96, 80), mode="RGB", seed=0) -> Image.Image:
 
 def write_good(folder: Path, n: int = 3, start: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    files = []
     for i in range(start, start + n):
         p = folder / f"good{i}.jpg"
         noisy(seed=i).save(p, quality=90)
-        paths.append(p)
-    return paths
+        files.append(p)
+    return files
 
 
 def use_folder(params: dict, folder: Path) -> dict:
@@ -43,8 +41,17 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def leftovers() -> list[str]:
-    return sorted(p.name for p in OUT.parent.iterdir() if p.name.startswith((".prepare.tmp-", ".prepare.old-")))
+def out_of(project: Path) -> Path:
+    """Where `prepare` writes in the test folder (dvc.yaml's outputs/prepare)."""
+    return paths(project, "prepare")["out"]
+
+
+def run_prepare(params: dict, log, project: Path) -> dict:
+    return prepare.run(params, log, paths(project, "prepare"))
+
+
+def leftovers(project: Path) -> list[str]:
+    return sorted(p.name for p in out_of(project).parent.iterdir() if p.name.startswith((".prepare.tmp-", ".prepare.old-")))
 
 
 def sha256(path: Path) -> str:
@@ -55,13 +62,14 @@ def sha256(path: Path) -> str:
 
 
 def test_demo_subject_is_prepared(project, log):
-    params = load_params()
+    params = load_params(project / "params.yaml")
     res = int(params["prepare"]["resolution"])
-    result = prepare.run(params, log)
+    out = out_of(project)
+    result = run_prepare(params, log, project)
 
-    assert Path(result["instance_dir"]) == OUT / "instance"
-    assert Path(result["captions"]) == OUT / "captions.jsonl"
-    pngs = sorted((OUT / "instance").glob("*.png"))
+    assert Path(result["instance_dir"]) == out / "instance"
+    assert Path(result["captions"]) == out / "captions.jsonl"
+    pngs = sorted((out / "instance").glob("*.png"))
     assert [p.name for p in pngs] == ["00.png", "01.png", "02.png", "03.png"]
     for p in pngs:
         with Image.open(p) as img:
@@ -69,21 +77,21 @@ def test_demo_subject_is_prepared(project, log):
             assert img.size == (res, res)
             assert img.mode == "RGB"
 
-    rows = read_jsonl(OUT / "captions.jsonl")
+    rows = read_jsonl(out / "captions.jsonl")
     assert len(rows) == 4
     assert [r["source"] for r in rows] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
     for i, row in enumerate(rows):
         assert row["file"] == f"instance/{i:02d}.png"
         assert row["caption"] == "a photo of sks toy"
-        assert row["sha256"] == sha256(OUT / row["file"])
+        assert row["sha256"] == sha256(out / row["file"])
     assert ({"num_references": 4}, None) in log.logged
-    assert leftovers() == []
+    assert leftovers(project) == []
 
 
 def test_exif_rotated_demo_image_comes_out_upright(project, log):
-    params = load_params()
+    params = load_params(project / "params.yaml")
     res = int(params["prepare"]["resolution"])
-    src = Path("data/demo_subject/03.jpg")
+    src = project / "data/demo_subject/03.jpg"
     with Image.open(src) as raw:
         assert raw.getexif().get(0x0112) == 6, "fixture assumption: 03.jpg carries EXIF orientation 6"
         raw.load()
@@ -91,8 +99,8 @@ def test_exif_rotated_demo_image_comes_out_upright(project, log):
         stored = raw.convert("RGB")
     fit = lambda im: np.asarray(ImageOps.fit(im, (res, res), method=Image.Resampling.LANCZOS), dtype=float)  # noqa: E731
 
-    prepare.run(params, log)
-    with Image.open(OUT / "instance/03.png") as out:
+    run_prepare(params, log, project)
+    with Image.open(out_of(project) / "instance/03.png") as out:
         got = np.asarray(out.convert("RGB"), dtype=float)
 
     diff_upright = np.abs(got - fit(upright)).mean()
@@ -107,8 +115,8 @@ def test_hidden_files_are_ignored(project, log, tmp_path):
     write_good(folder, 2)
     (folder / ".DS_Store").write_bytes(b"\x00\x01junk")
     (folder / "sub").mkdir()
-    prepare.run(use_folder(load_params(), folder), log)
-    rows = read_jsonl(OUT / "captions.jsonl")
+    run_prepare(use_folder(load_params(project / "params.yaml"), folder), log, project)
+    rows = read_jsonl(out_of(project) / "captions.jsonl")
     assert [r["source"] for r in rows] == ["good0.jpg", "good1.jpg"]
 
 
@@ -137,14 +145,14 @@ def test_odd_modes_become_rgb(project, log, tmp_path):
         with Image.open(p) as im:
             assert im.mode != "RGB", p
 
-    prepare.run(use_folder(load_params(), folder), log)
-    rows = read_jsonl(OUT / "captions.jsonl")
+    run_prepare(use_folder(load_params(project / "params.yaml"), folder), log, project)
+    rows = read_jsonl(out_of(project) / "captions.jsonl")
     assert [r["source"] for r in rows] == sorted(p.name for p in folder.iterdir())
 
-    res = int(load_params()["prepare"]["resolution"])
+    res = int(load_params(project / "params.yaml")["prepare"]["resolution"])
 
     def px(i, xy=(res // 2, res // 2)):
-        with Image.open(OUT / f"instance/{i:02d}.png") as im:
+        with Image.open(out_of(project) / f"instance/{i:02d}.png") as im:
             assert im.mode == "RGB" and im.size == (res, res)
             return np.array(im.getpixel(xy))
 
@@ -201,8 +209,8 @@ def _case_missing(tmp_path):
 
 
 def _case_is_a_file(tmp_path):
-    paths = write_good(tmp_path / "afile", 2)
-    return paths[0], ["subject.images"]
+    files = write_good(tmp_path / "afile", 2)
+    return files[0], ["subject.images"]
 
 
 BAD = {
@@ -219,47 +227,47 @@ BAD = {
 @pytest.fixture
 def earlier_output(project, log):
     """A successful run on the demo subject first; returns its bytes."""
-    prepare.run(load_params(), log)
-    before = snapshot(OUT)
+    run_prepare(load_params(project / "params.yaml"), log, project)
+    before = snapshot(out_of(project))
     assert len(before) == 5
     return before
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_fails_cleanly(earlier_output, tmp_path, log, case):
+def test_bad_input_fails_cleanly(project, earlier_output, tmp_path, log, case):
     folder, names = BAD[case](tmp_path)
-    params = use_folder(load_params(), folder)
+    params = use_folder(load_params(project / "params.yaml"), folder)
     with pytest.raises(ProxytuneError) as err:
-        prepare.run(params, log)
+        run_prepare(params, log, project)
     assert_one_line(err, *names)
-    assert snapshot(OUT) == earlier_output
-    assert leftovers() == []
+    assert snapshot(out_of(project)) == earlier_output
+    assert leftovers(project) == []
 
 
-def test_unsafe_subject_name_rejected_by_load_params(earlier_output, tmp_path):
-    params = yaml.safe_load(Path("params.yaml").read_text())
+def test_unsafe_subject_name_rejected_by_load_params(project, earlier_output, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
     params["subject"]["name"] = "../x"
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     with pytest.raises(ProxytuneError) as err:
         load_params(path)
     assert_one_line(err, "subject.name", "../x")
-    assert snapshot(OUT) == earlier_output
-    assert leftovers() == []
+    assert snapshot(out_of(project)) == earlier_output
+    assert leftovers(project) == []
 
 
 @pytest.mark.parametrize("value", [4, "abc"])
-def test_bad_resolution_names_parameter(earlier_output, log, value):
-    params = load_params()
+def test_bad_resolution_names_parameter(project, earlier_output, log, value):
+    params = load_params(project / "params.yaml")
     params["prepare"]["resolution"] = value
     with pytest.raises(ProxytuneError) as err:
-        prepare.run(params, log)
+        run_prepare(params, log, project)
     assert_one_line(err, "prepare.resolution")
-    assert snapshot(OUT) == earlier_output
+    assert snapshot(out_of(project)) == earlier_output
 
 
 @pytest.mark.parametrize("side", [120, 200])
-def test_decompression_bomb_names_file(earlier_output, tmp_path, log, monkeypatch, side):
+def test_decompression_bomb_names_file(project, earlier_output, tmp_path, log, monkeypatch, side):
     folder = tmp_path / "bomb"
     write_good(folder, 2)  # 96x80 px: under the lowered limit
     Image.new("RGB", (side, side)).save(folder / "huge.png")
@@ -267,13 +275,13 @@ def test_decompression_bomb_names_file(earlier_output, tmp_path, log, monkeypatc
     # 200x200 is over twice the limit, so PIL raises DecompressionBombError on open.
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     with pytest.raises(ProxytuneError) as err:
-        prepare.run(use_folder(load_params(), folder), log)
+        run_prepare(use_folder(load_params(project / "params.yaml"), folder), log, project)
     assert_one_line(err, "huge.png")
-    assert snapshot(OUT) == earlier_output
-    assert leftovers() == []
+    assert snapshot(out_of(project)) == earlier_output
+    assert leftovers(project) == []
 
 
-def test_failure_while_writing_keeps_earlier_output(earlier_output, tmp_path, log, monkeypatch):
+def test_failure_while_writing_keeps_earlier_output(project, earlier_output, tmp_path, log, monkeypatch):
     """A crash half-way through writing must not leave half an output folder."""
     write_good(tmp_path / "refs", 3)
     real_square = prepare.square
@@ -287,15 +295,15 @@ def test_failure_while_writing_keeps_earlier_output(earlier_output, tmp_path, lo
 
     monkeypatch.setattr(prepare, "square", flaky)
     with pytest.raises(RuntimeError):
-        prepare.run(use_folder(load_params(), tmp_path / "refs"), log)
+        run_prepare(use_folder(load_params(project / "params.yaml"), tmp_path / "refs"), log, project)
     assert len(calls) == 2
-    assert snapshot(OUT) == earlier_output
-    assert leftovers() == []
+    assert snapshot(out_of(project)) == earlier_output
+    assert leftovers(project) == []
 
 
-def test_rerun_replaces_output(earlier_output, tmp_path, log):
+def test_rerun_replaces_output(project, earlier_output, tmp_path, log):
     write_good(tmp_path / "refs", 2)
-    prepare.run(use_folder(load_params(), tmp_path / "refs"), log)
-    after = snapshot(OUT)
+    run_prepare(use_folder(load_params(project / "params.yaml"), tmp_path / "refs"), log, project)
+    after = snapshot(out_of(project))
     assert sorted(after) == ["captions.jsonl", "instance/00.png", "instance/01.png"]
-    assert leftovers() == []
+    assert leftovers(project) == []

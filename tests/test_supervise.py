@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_one_line
+from conftest import assert_one_line, paths
 from PIL import Image
 from safetensors import safe_open
 
@@ -23,9 +23,10 @@ from tasks import prepare, supervise
 MODEL = "models/world/supervisor"  # what params.yaml points at (32 px)
 
 
-def recipe_config(**overrides) -> DreamBoothConfig:
-    """A tiny config on the instance images `prepare` wrote in the current project."""
-    values = dict(model=MODEL, instance_images=sorted(Path("outputs/prepare/instance").glob("*.png")),
+def recipe_config(project: Path, **overrides) -> DreamBoothConfig:
+    """A tiny config on the instance images `prepare` wrote in the test folder `project`."""
+    instance = paths(project, "prepare")["out"] / "instance"
+    values = dict(model=MODEL, instance_images=sorted(instance.glob("*.png")),
                   instance_prompt="a photo of sks toy", class_prompt="a photo of toy", lora_rank=4, lora_alpha=4,
                   learning_rate=1e-3, steps=2, batch_size=1, prior_loss_weight=1.0, num_class_images=2,
                   class_batch_size=2, sample_steps=2, guidance_scale=5.0, seed=0)
@@ -34,8 +35,8 @@ def recipe_config(**overrides) -> DreamBoothConfig:
 
 @pytest.fixture
 def prepared(project, log):
-    prepare.run(load_params(), log)
-    assert len(list(Path("outputs/prepare/instance").glob("*.png"))) >= 2
+    prepare.run(load_params(project / "params.yaml"), log, paths(project, "prepare"))
+    assert len(list((project / "outputs/prepare/instance").glob("*.png"))) >= 2
     return project
 
 
@@ -44,7 +45,7 @@ def lora_state(module) -> dict[str, torch.Tensor]:
 
 
 def test_setup_trains_only_lora_and_steps_update_it(prepared):
-    recipe = DreamBoothLoRA(recipe_config())
+    recipe = DreamBoothLoRA(recipe_config(prepared))
     recipe.setup()
     unet = recipe.denoiser
     assert unet is recipe.pipe.unet
@@ -75,7 +76,7 @@ def test_setup_trains_only_lora_and_steps_update_it(prepared):
 
 
 def test_class_images_are_the_base_models_cached_and_only_missing_ones_rendered(prepared):
-    cfg = recipe_config(num_class_images=2)
+    cfg = recipe_config(prepared, num_class_images=2)
     first = DreamBoothLoRA(cfg)
     first.setup()
     assert first.class_images_rendered == 2 and len(first.class_images) == 2
@@ -85,12 +86,12 @@ def test_class_images_are_the_base_models_cached_and_only_missing_ones_rendered(
     for got, want in zip(first.class_images, base):
         assert np.array_equal(np.asarray(got), np.asarray(want))
 
-    again = DreamBoothLoRA(recipe_config(num_class_images=3))
+    again = DreamBoothLoRA(recipe_config(prepared, num_class_images=3))
     again.setup()
     assert again.class_images_rendered == 1  # the two cached ones are reused
     for got, want in zip(again.class_images[:2], base):
         assert np.array_equal(np.asarray(got), np.asarray(want))
-    other = DreamBoothLoRA(recipe_config(num_class_images=1, class_prompt="a photo of cup"))
+    other = DreamBoothLoRA(recipe_config(prepared, num_class_images=1, class_prompt="a photo of cup"))
     other.setup()
     assert other.class_images_rendered == 1  # a different class prompt is a different cache entry
 
@@ -104,25 +105,25 @@ class Recorded(DreamBoothLoRA):
 
 
 def test_run_writes_diffusers_lora_that_reloads(project, log, monkeypatch):
-    params = load_params()
+    params = load_params(project / "params.yaml")
     # alpha != rank: the saved file must carry the scaling; large lr so the LoRA visibly changes images
     params["supervisor"].update(lora_rank=4, lora_alpha=8, learning_rate=2e-2, validation_every=2,
                                 export_kohya=True)
     steps, n_class = int(params["supervisor"]["steps"]), int(params["supervisor"]["num_class_images"])
     Recorded.instances = []
     monkeypatch.setattr(supervise, "DreamBoothLoRA", Recorded)
-    prepare.run(params, log)
+    prepare.run(params, log, paths(project, "prepare"))
     # per-image captions: each instance image trains with its own line of captions.jsonl
-    captions = Path("outputs/prepare/captions.jsonl")
+    captions = project / "outputs/prepare/captions.jsonl"
     rows = [json.loads(line) for line in captions.read_text().splitlines()]
     for i, row in enumerate(rows):
         row["caption"] = f"a photo of sks toy, view {i}"
     captions.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = supervise.run(params, log)
+    result = supervise.run(params, log, paths(project, "supervise"))
     (recipe,) = Recorded.instances
     assert recipe.instance_prompts == [r["caption"] for r in rows]
 
-    out = Path("outputs/supervise")
+    out = project / "outputs/supervise"
     assert Path(result["lora_dir"]) == out
     with safe_open(str(out / LORA_FILE), "pt") as f:
         keys = list(f.keys())
@@ -138,7 +139,7 @@ def test_run_writes_diffusers_lora_that_reloads(project, log, monkeypatch):
     for path, img in zip(class_files, recipe.class_images):
         assert np.array_equal(np.asarray(Image.open(path)), np.asarray(img))
 
-    with open("outputs/supervise_loss.csv", newline="") as f:
+    with open(project / "outputs/supervise_loss.csv", newline="") as f:
         loss_rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in loss_rows] == list(range(1, steps + 1))
     assert set(loss_rows[0]) == {"step", "loss", "instance_loss", "prior_loss"}
@@ -172,17 +173,17 @@ def test_run_writes_diffusers_lora_that_reloads(project, log, monkeypatch):
     ("scheduler", "flow-euler", ["flow-euler", "sd"]),
 ])
 def test_bad_supervisor_params_stop_with_one_line(prepared, log, key, value, names):
-    params = load_params()
+    params = load_params(prepared / "params.yaml")
     params["supervisor"][key] = value
     with pytest.raises(ProxytuneError) as err:
-        supervise.run(params, log)
+        supervise.run(params, log, paths(prepared, "supervise"))
     assert_one_line(err, *names)
 
 
 @pytest.mark.parametrize("preset", ["supervisor_sdxl.yaml", "supervisor_sd3.yaml"])
 def test_presets_overlay_params_with_known_keys_only(prepared, preset):
     overlay = yaml.safe_load((Path(__file__).resolve().parent.parent / "presets" / preset).read_text())
-    params = load_params()
+    params = load_params(prepared / "params.yaml")
     for section, values in overlay.items():
         unknown = set(values) - set(params[section])
         assert not unknown, f"{preset}: {section} has keys params.yaml does not: {unknown}"

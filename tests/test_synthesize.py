@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line
+from conftest import assert_one_line, paths
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
@@ -20,7 +20,11 @@ from proxytune.prompts import ACCESSORIES, EVAL_PROMPTS, PROPERTIES, PROXY_BANK,
 from tasks import synthesize
 
 KINDS = {"recontext": RECONTEXT, "accessory": ACCESSORIES, "property": PROPERTIES}
-OUT = Path("outputs/synthesize")
+
+
+def out_dir(root: Path) -> Path:
+    """Where synthesize publishes its proxies in the test folder `root`."""
+    return paths(root, "synthesize")["out"]
 
 
 def kind_of(prompt: str, phrase: str = "sks toy", user: tuple = ()) -> str:
@@ -29,9 +33,9 @@ def kind_of(prompt: str, phrase: str = "sks toy", user: tuple = ()) -> str:
     return kind
 
 
-def published() -> tuple[bytes, dict[str, bytes]]:
+def published(out: Path) -> tuple[bytes, dict[str, bytes]]:
     """The manifest's bytes and every published image's bytes."""
-    return (OUT / "manifest.jsonl").read_bytes(), {p.name: p.read_bytes() for p in (OUT / "images").iterdir()}
+    return (out / "manifest.jsonl").read_bytes(), {p.name: p.read_bytes() for p in (out / "images").iterdir()}
 
 
 def test_proxy_prompts_mix_kinds_and_cover_the_bank():
@@ -50,37 +54,40 @@ def test_proxy_prompts_mix_kinds_and_cover_the_bank():
 
 
 def test_run_writes_images_and_manifest(synthesized):
-    params = load_params()
+    params = load_params(synthesized / "params.yaml")
+    out = out_dir(synthesized)
     s = params["synthesize"]
-    rows = read_jsonl(OUT / "manifest.jsonl")
-    images = sorted((OUT / "images").glob("*.png"))
+    rows = read_jsonl(out / "manifest.jsonl")
+    images = sorted((out / "images").glob("*.png"))
     assert len(rows) == len(images) == s["num_images"] >= 3
     assert [r["prompt"] for r in rows] == proxy_prompts("sks toy", s["num_images"])
     assert [kind_of(r["prompt"]) for r in rows[:3]] == ["recontext", "accessory", "property"]
     assert len({r["seed"] for r in rows}) == len(rows) and all(isinstance(r["seed"], int) for r in rows)
     assert [(r["batch"], r["position"]) for r in rows] == [divmod(i, s["batch_size"]) for i in range(len(rows))]
     for r in rows:
-        path = OUT / r["file"]
+        path = out / r["file"]
         assert path in images
         assert r["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert (r["steps"], r["guidance_scale"]) == (s["sample_steps"], s["guidance_scale"])
         assert r["scheduler"] == "DPMSolverMultistepScheduler"  # the class that sampled it: SD1.5's default
         assert r["dino"] is None  # min_dino: null, no scoring
         assert Image.open(path).size == (params["prepare"]["resolution"],) * 2
-    assert read_jsonl(OUT / "dropped.jsonl") == []
-    assert json.loads((OUT / "summary.json").read_text())["kept"] == len(rows)
+    assert read_jsonl(out / "dropped.jsonl") == []
+    assert json.loads((out / "summary.json").read_text())["kept"] == len(rows)
 
 
 def test_each_proxy_regenerates_exactly_from_its_row(synthesized):
-    params = load_params()
-    rows = synthesize.proxy_rows()
-    pipe = synthesize.load_supervisor(params)
+    params = load_params(synthesized / "params.yaml")
+    where = paths(synthesized, "synthesize")
+    out = where["out"]
+    rows = synthesize.proxy_rows(out)
+    pipe = synthesize.load_supervisor(params, where["supervised"])
     for r in (rows[0], rows[-1]):
-        stored = np.asarray(Image.open(OUT / r["file"]).convert("RGB"))
+        stored = np.asarray(Image.open(out / r["file"]).convert("RGB"))
         assert np.array_equal(np.asarray(synthesize.regenerate(pipe, r, rows)), stored), r["file"]
     # the seed and the supervisor's LoRA really determine the pixels
     row = rows[1]
-    stored = np.asarray(Image.open(OUT / row["file"]).convert("RGB"))
+    stored = np.asarray(Image.open(out / row["file"]).convert("RGB"))
     reseeded = [{**r, "seed": r["seed"] + 1} for r in rows]
     assert not np.array_equal(np.asarray(synthesize.regenerate(pipe, reseeded[1], reseeded)), stored)
     dpm = pipe.scheduler
@@ -114,57 +121,61 @@ def counting_render(monkeypatch, fail_at: int | None = None) -> list[int]:
 
 
 def test_interrupted_synthesis_resumes_without_duplicates(synthesized, log, monkeypatch):
-    params = load_params()
+    params = load_params(synthesized / "params.yaml")
     params["synthesize"].update(num_images=5, batch_size=2, scheduler="euler")
-    work = checkpoint_dir("synthesize", params)
-    synthesize.run(params, log)
-    uninterrupted = published()
+    where = paths(synthesized, "synthesize")
+    out = where["out"]
+    work = checkpoint_dir("synthesize", params, where)
+    synthesize.run(params, log, where)
+    uninterrupted = published(out)
     assert not work.exists()  # cleared once published
-    shutil.rmtree(OUT)
+    shutil.rmtree(out)
 
     calls = counting_render(monkeypatch, fail_at=3)
     with pytest.raises(Interrupted):
-        synthesize.run(params, log)
-    assert calls == [0, 1] and not OUT.exists()
+        synthesize.run(params, log, where)
+    assert calls == [0, 1] and not out.exists()
     assert sorted(p.name for p in (work / "batches").iterdir()) == ["000000.jsonl", "000001.jsonl"]
 
     (work / "images" / "00001.png").write_bytes(b"torn")  # a damaged image of a finished batch is redone
     calls = counting_render(monkeypatch)
-    synthesize.run(params, log)
+    synthesize.run(params, log, where)
     assert calls == [0, 2]
-    assert published() == uninterrupted
-    rows = read_jsonl(OUT / "manifest.jsonl")
+    assert published(out) == uninterrupted
+    rows = read_jsonl(out / "manifest.jsonl")
     assert [r["index"] for r in rows] == list(range(5)) and len({r["file"] for r in rows}) == 5
     assert {r["scheduler"] for r in rows} == {"EulerDiscreteScheduler"}
     assert not work.exists()
 
 
 def test_dino_filter_drops_low_scores_and_reports_counts(synthesized, log):
-    params = load_params()
+    params = load_params(synthesized / "params.yaml")
+    where = paths(synthesized, "synthesize")
+    out = where["out"]
     params["synthesize"]["min_dino"] = -1.0  # scores everything, keeps everything
-    synthesize.run(params, log)
-    scores = [r["dino"] for r in read_jsonl(OUT / "manifest.jsonl")]
+    synthesize.run(params, log, where)
+    scores = [r["dino"] for r in read_jsonl(out / "manifest.jsonl")]
     assert len(scores) == 4 and all(-1 <= s <= 1 for s in scores) and len(set(scores)) > 1
     threshold = sorted(scores)[2]  # keeps the best two
 
     params["synthesize"]["min_dino"] = threshold
     log.logged.clear()
-    synthesize.run(params, log)
-    kept, dropped = read_jsonl(OUT / "manifest.jsonl"), read_jsonl(OUT / "dropped.jsonl")
+    synthesize.run(params, log, where)
+    kept, dropped = read_jsonl(out / "manifest.jsonl"), read_jsonl(out / "dropped.jsonl")
     assert sorted(r["dino"] for r in kept) == sorted(scores)[2:]
     assert sorted(r["dino"] for r in dropped) == sorted(scores)[:2]
-    assert sorted(p.name for p in (OUT / "images").iterdir()) == sorted(Path(r["file"]).name for r in kept)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(r["file"]).name for r in kept)
     assert all("file" not in r for r in dropped)
-    summary = json.loads((OUT / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert (summary["rendered"], summary["kept"], summary["dropped"]) == (4, 2, 2)
     assert summary["mean_dino_kept"] == pytest.approx(sum(sorted(scores)[2:]) / 2)
     assert log.logged == [({"num_proxies": 2, "num_dropped": 2}, None)]
 
     params["synthesize"]["min_dino"] = 1.5
     with pytest.raises(ProxytuneError) as err:
-        synthesize.run(params, log)
+        synthesize.run(params, log, where)
     assert_one_line(err, "synthesize.min_dino", "drops all 4")
-    assert len(read_jsonl(OUT / "manifest.jsonl")) == 2  # the published set is untouched
+    assert len(read_jsonl(out / "manifest.jsonl")) == 2  # the published set is untouched
 
 
 @pytest.mark.parametrize("name, value, rule", [
@@ -178,9 +189,9 @@ def test_dino_filter_drops_low_scores_and_reports_counts(synthesized, log):
     ("user_prompts", ["a {} dancing", "a sks toy singing"], r"synthesize.user_prompts\[1\] .* exactly one '{}'"),
 ])
 def test_bad_params_are_one_line_errors(project, log, name, value, rule):
-    params = load_params()
+    params = load_params(project / "params.yaml")
     params["synthesize"][name] = value
     with pytest.raises(ProxytuneError, match=rule) as err:
-        synthesize.run(params, log)
+        synthesize.run(params, log, paths(project, "synthesize"))
     assert_one_line(err, f"synthesize.{name}")
-    assert not OUT.exists()
+    assert not out_dir(project).exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import RecordingLogger
+from conftest import RecordingLogger, paths
 from safetensors.torch import load_file
 
 from proxytune.cache import checkpoint_dir
@@ -35,22 +35,24 @@ class DiesAtStep(RecordingLogger):
 @pytest.mark.parametrize("stage", STAGES)
 def test_interrupted_run_resumes_exactly(synthesized, stage):
     module, section, weights = STAGES[stage]
-    params = load_params()
+    weights = synthesized / weights
+    where = paths(synthesized, stage)
+    params = load_params(synthesized / "params.yaml")
     params[section].update(steps=6, checkpoint_every=2)
 
-    module.run(params, RecordingLogger())
+    module.run(params, RecordingLogger(), where)
     uninterrupted = load_file(weights)
-    shutil.rmtree(f"outputs/{stage}")
+    shutil.rmtree(synthesized / f"outputs/{stage}")
 
     with pytest.raises(Killed):
-        module.run(params, DiesAtStep(5))
+        module.run(params, DiesAtStep(5), where)
     assert not (synthesized / f"outputs/{stage}").exists()  # nothing half-written
-    assert [p.name for p in checkpoint_dir(stage, params).iterdir()] == ["step-0000004.pt"]
+    assert [p.name for p in checkpoint_dir(stage, params, where).iterdir()] == ["step-0000004.pt"]
 
     resumed_log = RecordingLogger()
-    module.run(params, resumed_log)
+    module.run(params, resumed_log, where)
     assert [step for _, step in resumed_log.logged if step is not None] == [5, 6]
     resumed = load_file(weights)
     assert resumed.keys() == uninterrupted.keys()
     assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
-    assert not checkpoint_dir(stage, params).exists()  # cleared once the stage succeeded
+    assert not checkpoint_dir(stage, params, where).exists()  # cleared once the stage succeeded

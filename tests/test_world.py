@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import paths
 from PIL import Image
 
 from proxytune import world
@@ -148,7 +149,7 @@ def test_subjects_are_never_shown_in_pretraining():
         world.make_subject(len(world.SUBJECT_COMBOS))
 
 
-def test_references_are_a_folder_prepare_reads(tmp_path, monkeypatch, log):
+def test_references_are_a_folder_prepare_reads(tmp_path, log):
     from tasks import prepare
 
     subject = world.make_subject(0)
@@ -164,11 +165,10 @@ def test_references_are_a_folder_prepare_reads(tmp_path, monkeypatch, log):
     assert all(changed(Image.fromarray(a.astype(np.uint8)), Image.fromarray(images[0].astype(np.uint8))).mean() > 0.05
                for a in images[1:])  # the pose varies
 
-    monkeypatch.chdir(tmp_path)
-    params = {"subject": {"images": "refs", "identifier": "sks", "class_noun": subject.class_noun},
+    params = {"subject": {"images": str(tmp_path / "refs"), "identifier": "sks", "class_noun": subject.class_noun},
               "prepare": {"resolution": 64}}
-    prepare.run(params, log)
-    rows = read_jsonl(tmp_path / "outputs/prepare/captions.jsonl")
+    prepare.run(params, log, paths(tmp_path, "prepare"))
+    rows = read_jsonl(paths(tmp_path, "prepare")["out"] / "captions.jsonl")
     assert [r["source"] for r in rows] == [p.name for p in files]
     assert {r["caption"] for r in rows} == {"a photo of sks toy"}
 
