@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows"]
+COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "testbed", "flows"]
 
 
 def fresh_project() -> Path:

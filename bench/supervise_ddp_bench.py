@@ -24,7 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows"]
+COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "testbed", "flows"]
 SUPERVISOR = {"steps": 6, "batch_size": 4, "num_class_images": 2, "sample_steps": 2, "checkpoint_every": 0,
               "learning_rate": 1e-3}
 # fp32 gradients of two halves are summed in another order than the whole batch's; AdamW divides each gradient
@@ -102,7 +102,7 @@ def bench_recipes() -> dict:
     from PIL import Image
 
     from proxytune.prompts import corpus_words
-    from proxytune.tiny import build_tiny_pipeline
+    from testbed.tiny_supervisors import build_tiny_pipeline
 
     root = Path(tempfile.mkdtemp(prefix="proxytune-recipe-ddp-"))
     os.environ["PROXYTUNE_CACHE"] = str(root / "cache")

@@ -23,7 +23,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows"]
+COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "testbed", "flows"]
 IMAGES, BATCH, STEPS, RESOLUTION = 16, 8, 10, 64
 
 
@@ -60,7 +60,7 @@ def worker(model: str, batch_size: int) -> dict:
 
 def bench_batching() -> dict:
     from proxytune.prompts import corpus_words
-    from proxytune.tiny import build_tiny_supervisor
+    from testbed.tiny_supervisors import build_tiny_supervisor
 
     tmp = Path(tempfile.mkdtemp(prefix="proxytune-synth-bench-"))
     model = build_tiny_supervisor(tmp / "supervisor", corpus_words(), seed=0, image_size=RESOLUTION)

@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.states import Failed
 
+from ar_models import ModelConfigError
 from proxytune import tracking
 from proxytune.cache import outputs_current, stage_key, stage_spec, write_stamp
 from proxytune.params import ProxytuneError, get, load_params
@@ -45,7 +46,7 @@ def stage_task(stage: str, run: RunFn):
             key = stage_key(stage, params)
             with tracking.stage_run(stage, params, stage_params(stage, params)) as log:
                 outputs = run(params, log)
-        except ProxytuneError as e:
+        except (ProxytuneError, ModelConfigError) as e:
             # Bad input, not a bug: one clear line instead of a traceback.
             get_run_logger().error(str(e))
             return Failed(message=str(e))

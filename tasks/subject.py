@@ -29,7 +29,7 @@ from proxytune.params import ProxytuneError
 from tasks.evaluate import CACHE_STATS_FILE, TABLE_FILE
 
 RUNS = Path("runs")
-LINKED = ["dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows", "models"]
+LINKED = ["dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "testbed", "flows", "models"]
 STAGES = ["prepare", "supervise", "synthesize", "distill", "evaluate"]  # bootstrap runs once, in the project
 STAMP = ".proxytune/benchmark.json"
 

@@ -19,7 +19,7 @@ import yaml  # noqa: E402
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "flows", "models/world"]
+PROJECT_FILES = ["params.yaml", "dvc.yaml", ".dvcignore", "tasks", "proxytune", "ar_models", "testbed", "flows", "models/world"]
 
 # Small but real settings: every stage trains/samples a few steps so the suite stays fast.
 FAST = {
