@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ar_models.base import ARStudent, PromptBatch
+from ar_models.base import ARStudent, ModelConfigError, PromptBatch
 
 # family name -> (module, class); modules load lazily so a family's heavy imports cost nothing unused.
 FAMILIES = {
@@ -17,25 +17,24 @@ FAMILIES = {
     "infinity": ("ar_models.infinity", "InfinityStudent"),
 }
 
-__all__ = ["ARStudent", "PromptBatch", "FAMILIES", "load_student", "require_file"]
+__all__ = ["ARStudent", "ModelConfigError", "PromptBatch", "FAMILIES", "load_student", "require_file"]
 
 
 def load_student(student: dict) -> ARStudent:
     """Build the student that `params.yaml`'s `student` section names (via the family's `from_params`),
-    failing with one line that names the parameter on unknown families, missing files or bad sizes."""
-    from proxytune.params import ProxytuneError
-
+    failing with a one-line `ModelConfigError` that names the parameter on unknown families, missing files or
+    bad sizes."""
     family = student.get("family")
     if family not in FAMILIES:
-        raise ProxytuneError(f"params: student.family: unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+        raise ModelConfigError(f"params: student.family: unknown model family {family!r} (known: {', '.join(FAMILIES)})")
     module, cls = FAMILIES[family]
     device = resolve_device(student.get("device", "auto"))
     try:
         return getattr(import_module(module), cls).from_params(student).to(device)
     except KeyError as e:
-        raise ProxytuneError(f"params: student.{e.args[0]}: required for family {family!r}") from None
+        raise ModelConfigError(f"params: student.{e.args[0]}: required for family {family!r}") from None
     except (ValueError, OSError) as e:
-        raise ProxytuneError(f"params: student: {e}") from None
+        raise ModelConfigError(f"params: student: {e}") from None
 
 
 def require_file(student: dict, key: str, folder: bool = False) -> str:
@@ -50,11 +49,9 @@ def require_file(student: dict, key: str, folder: bool = False) -> str:
 
 def resolve_device(name: str) -> torch.device:
     """`student.device`: 'auto' picks CUDA when present, else CPU; or any torch device string."""
-    from proxytune.params import ProxytuneError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise ProxytuneError(f"params: student.device: {name!r} is not a torch device (or 'auto')") from None
+        raise ModelConfigError(f"params: student.device: {name!r} is not a torch device (or 'auto')") from None

@@ -23,6 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class ModelConfigError(ValueError):
+    """A bad `student` parameter (unknown family or size, missing file, mismatched weights): its message is one
+    line naming the parameter, for callers to print without a traceback."""
+
+
 @dataclass
 class PromptBatch:
     """Text condition for a batch: the vectors the transformer reads and their validity mask.
@@ -81,6 +86,7 @@ class ARStudent(nn.Module, ABC):
 
     image_size: int
     tokenizer: object  # a transformers tokenizer; identifier tokens are added to it
+    frozen: tuple[str, ...] = ()  # submodules that never train (see `freeze`)
 
     @abstractmethod
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -111,22 +117,21 @@ class ARStudent(nn.Module, ABC):
         return weighted_cross_entropy(self.logits(cond, tokens, cond_dropout), tokens, token_weights)
 
     @abstractmethod
-    def generate(
-        self,
-        prompts: list[str],
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        """Sample images for a batch of `prompts` with classifier-free guidance (one batched forward per step
-        for conditional and unconditional rows); deterministic for a seed, identical with and without cache."""
+    def sample_tokens(self, cond: PromptBatch, cfg_scale: float = 4.0, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
+        """Image tokens for `cond` with classifier-free guidance (one batched forward per step for conditional and
+        unconditional rows); deterministic for a seed, identical with and without cache. A family may add knobs
+        (`autocast`) or use its release's defaults."""
 
-    @abstractmethod
+    def generate(self, prompts: list[str], **sampling) -> torch.Tensor:
+        """Sample images for a batch of `prompts`; `sampling` is passed to `sample_tokens`."""
+        with torch.no_grad():
+            cond = self.encode_prompts(prompts)
+        return self.generate_from(cond, **sampling)
+
     def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
         """Like `generate`, from an already-built condition (learned prefixes, cached features)."""
+        return self.decode_tokens(self.sample_tokens(cond, **sampling))
 
     @property
     @abstractmethod
@@ -143,6 +148,23 @@ class ARStudent(nn.Module, ABC):
         architecture has none): 'text_embedding', 'attn_qkv', 'attn_out', 'cross_attn', 'mlp', 'norms',
         'output', plus 'layer.<i>' for each transformer layer."""
 
+    def group_parameters(self, rules: dict[str, str], layer: str | None = None,
+                         skip: str | None = None) -> dict[str, list[str]]:
+        """`parameter_groups` from regexes: each parameter name not matching `skip` joins every group whose pattern
+        it contains, and 'layer.<i>' for the number `layer` captures in it. 'cross_attn' stays empty unless a rule
+        fills it. Searching (not matching) keeps peft-wrapped names in their groups."""
+        groups: dict[str, list[str]] = {k: [] for k in rules}
+        groups.setdefault("cross_attn", [])
+        for name, _ in self.named_parameters():
+            if skip and re.search(skip, name):
+                continue
+            for group, pattern in rules.items():
+                if re.search(pattern, name):
+                    groups[group].append(name)
+            if layer and (m := re.search(layer, name)):
+                groups.setdefault(f"layer.{m.group(1)}", []).append(name)
+        return groups
+
     @abstractmethod
     def lora_target_modules(self) -> list[str]:
         """Module name suffixes peft's LoRA should wrap by default."""
@@ -150,6 +172,20 @@ class ARStudent(nn.Module, ABC):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def freeze(self, *names: str) -> None:
+        """Mark the submodules (dotted names) that never train, such as the image tokenizer and text encoder: they
+        lose their grads, and stay in eval mode whenever the student trains. Leaves the student in eval mode."""
+        self.frozen = names
+        for name in names:
+            self.get_submodule(name).requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> ARStudent:
+        super().train(mode)
+        for name in self.frozen:
+            self.get_submodule(name).eval()
+        return self
 
     def scale_token_weights(self, early_scales: int = 8, early: float = 1.0, late: float = 0.5) -> torch.Tensor | None:
         """Per-token loss weights (N,) for ARBooth's scale-wise loss: `early` on the tokens of the first
@@ -204,3 +240,46 @@ class ARStudent(nn.Module, ABC):
                 if module not in out:
                     out.append(module)
         return out
+
+
+class T5Student(ARStudent):
+    """A family that reads prompts through a frozen T5 encoder, `text_encoder`, saved with its tokenizer in one
+    `save_pretrained` folder (LlamaGen, Infinity); identifier tokens get rows of T5's input embedding table."""
+
+    text_encoder: nn.Module
+
+    def attach_text_encoder(self, text_encoder: nn.Module, tokenizer, width: int) -> None:
+        """Keep the encoder and its tokenizer (right-padding: `encode_prompts` places the valid tokens itself),
+        checking the encoder is as wide as the features the transformer reads."""
+        if text_encoder.config.d_model != width:
+            raise ValueError(f"text encoder width {text_encoder.config.d_model} != {width}")
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.tokenizer.padding_side = "right"
+
+    @staticmethod
+    def load_text_encoder(folder) -> tuple[nn.Module, object]:
+        """(T5EncoderModel, tokenizer) from a local `save_pretrained` folder."""
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return T5EncoderModel.from_pretrained(folder, local_files_only=True), tokenizer
+
+    @classmethod
+    def from_params(cls, student: dict) -> T5Student:
+        """`student` keys: checkpoint, vq_checkpoint (weights files), text_encoder (folder), size, vq_size,
+        image_size; passed to the family's `from_paths`."""
+        from ar_models import require_file
+
+        return cls.from_paths(
+            checkpoint=require_file(student, "checkpoint"), vq_checkpoint=require_file(student, "vq_checkpoint"),
+            text_encoder=require_file(student, "text_encoder", folder=True), size=student["size"],
+            vq_size=student["vq_size"], image_size=int(student["image_size"]),
+        )
+
+    @property
+    def text_embedding(self) -> nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def set_text_embedding(self, embedding: nn.Embedding) -> None:
+        self.text_encoder.set_input_embeddings(embedding)
+        self.text_encoder.config.vocab_size = embedding.num_embeddings

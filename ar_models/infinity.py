@@ -9,7 +9,7 @@ projected features. The BSQ tokenizer quantises each scale's residual to the sig
 
 Module, parameter and buffer names match the released `infinity_2b_reg.pth` and `infinity_vae_d32_reg.pth`
 key for key (the 2B model stores its 32 blocks as 8 `block_chunks` of 4), so official weights load with no
-renaming and the tiny replica written by `build_tiny` has the release's layout.
+renaming and weights saved from these modules have the release's layout.
 """
 from __future__ import annotations
 
@@ -17,15 +17,15 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ar_models.base import ARStudent, PromptBatch, weighted_cross_entropy
-from proxytune.io import atomic_dir
+from ar_models.base import PromptBatch, T5Student, weighted_cross_entropy
+from ar_models.loading import load_strict, pick
+from ar_models.sampling import ScaleKVCache
 
 # Side lengths of the square scale pyramid (Infinity's 1:1 schedule; 13 scales reach 64x64 = 1024 px at
 # stride 16). An image uses the prefix that ends at its latent grid, exactly as the 0.06M/0.25M/1M presets do.
@@ -65,7 +65,7 @@ INFINITY_SIZES: dict[str, InfinityConfig] = {
 }
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(nn.Module):  # own copy of llamagen's: Infinity scales by the weight before casting back, LlamaGen after
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -74,19 +74,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).type_as(x)
-
-
-class KVCache:
-    """One block's self-attention keys/values, grown by a whole scale per step."""
-
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
 
 
 def rope_2d(schedule: tuple[int, ...], head_dim: int, base: float) -> torch.Tensor:
@@ -123,7 +110,7 @@ class SelfAttention(nn.Module):
         self.scale_mul_1H11 = nn.Parameter(torch.full((1, n_head, 1, 1), 4.0).log())
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rope, mask, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache: ScaleKVCache | None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
         # the module call (not F.linear on its weight, as upstream does) so LoRA wrappers take effect
@@ -288,11 +275,11 @@ class Infinity(nn.Module):
         gss = self.shared_ada_lin(cond).view(-1, 1, 6, self.config.embed_dim)
         return TextContext(cond, gss, self.text_proj_for_ca(text), mask)
 
-    def new_caches(self) -> list[KVCache]:
-        return [KVCache() for _ in self.blocks]
+    def new_caches(self) -> list[ScaleKVCache]:
+        return [ScaleKVCache() for _ in self.blocks]
 
     def forward(self, ctx: TextContext, inputs: torch.Tensor | None, start: int = 0,
-                caches: list[KVCache] | None = None) -> torch.Tensor:
+                caches: list[ScaleKVCache] | None = None) -> torch.Tensor:
         """Bit logits (B, L, d_vae, 2) for positions start..start+L-1.
 
         inputs (B, L', d_vae): the resized accumulated codes feeding the positions after the start token.
@@ -358,6 +345,8 @@ class Normalize(nn.Module):
         return self.norm(x)
 
 
+# Own copies of vq_blocks' ResnetBlock, Downsample, Upsample, Encoder and Decoder: the release wraps every conv and
+# norm (`conv1.conv.weight`), groups norms by 24 where 32 does not divide, and has no attention.
 class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
@@ -542,24 +531,6 @@ _INFINITY_EXTRAS = re.compile(r"lvl_1L|attn_bias_for_masking|Infinity_visible_kv
 _VAE_EXTRAS = re.compile(r"quantizer?\.lfq\.mask")
 
 
-def _load_into(model: nn.Module, path, state: dict, extras: re.Pattern) -> None:
-    expected = model.state_dict()
-    state = {k: v for k, v in state.items() if k in expected or not extras.fullmatch(k)}
-    problems = []
-    for label, names in (
-        ("missing", sorted(expected.keys() - state.keys())),
-        ("unexpected", sorted(state.keys() - expected.keys())),
-        ("mis-shaped", sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-                              for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape)),
-    ):
-        if names:
-            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-            problems.append(f"{label}: {', '.join(names[:5])}{more}")
-    if problems:
-        raise ValueError(f"{path}: does not fit {type(model).__name__}; " + "; ".join(problems))
-    model.load_state_dict(state)
-
-
 def _torch_load(path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -574,7 +545,7 @@ def load_infinity_checkpoint(path: str | os.PathLike, config: InfinityConfig, sc
     if isinstance(state.get("trainer"), dict) and "gpt_fsdp" in state["trainer"]:
         state = state["trainer"]["gpt_fsdp"]
     model = Infinity(config, schedule)
-    _load_into(model, path, state, _INFINITY_EXTRAS)
+    load_strict(model, path, state, _INFINITY_EXTRAS)
     return model.eval()
 
 
@@ -597,14 +568,8 @@ def load_vae_checkpoint(path: str | os.PathLike, config: BSQVAEConfig) -> BSQVAE
         raise ValueError(f"{path}: no 'vae' entry (an Infinity BSQ-VAE checkpoint holds {{'vae': state_dict}})")
     model = BSQVAE(config)
     expected = model.state_dict()
-    _load_into(model, path, {_release_vae_key(k, expected): v for k, v in state["vae"].items()}, _VAE_EXTRAS)
+    load_strict(model, path, {_release_vae_key(k, expected): v for k, v in state["vae"].items()}, _VAE_EXTRAS)
     return model.eval()
-
-
-def _pick(sizes: dict, name: str, what: str):
-    if name not in sizes:
-        raise ValueError(f"unknown {what} size {name!r}; choose one of {', '.join(sizes)}")
-    return sizes[name]
 
 
 # -----------------------------------------------------------------------------
@@ -638,7 +603,7 @@ def _per_scale(value, n: int, name: str) -> list[float]:
 # Student
 
 
-class InfinityStudent(ARStudent):
+class InfinityStudent(T5Student):
     """Infinity + BSQ-VAE + frozen T5 encoder behind `ARStudent`. Image tokens are bits, shaped (B, N, d) with
     N the positions of the whole pyramid; logits are (B, N, d, 2). Only `infinity` is meant to be trained."""
 
@@ -651,66 +616,27 @@ class InfinityStudent(ARStudent):
             raise ValueError(f"Infinity built for scales {infinity.schedule}, image_size {image_size} needs {schedule}")
         if infinity.config.d_vae != vae.config.codebook_dim:
             raise ValueError(f"Infinity reads {infinity.config.d_vae} bits, VAE makes {vae.config.codebook_dim}")
-        if text_encoder.config.d_model != infinity.config.text_channels:
-            raise ValueError(f"text encoder width {text_encoder.config.d_model} != {infinity.config.text_channels}")
-        self.infinity, self.vae, self.text_encoder = infinity, vae, text_encoder
-        self.tokenizer = tokenizer
-        self.tokenizer.padding_side = "right"
-        self.image_size, self.schedule = image_size, schedule
-        self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
-        self.train(False)
+        self.infinity, self.vae, self.image_size, self.schedule = infinity, vae, image_size, schedule
+        self.attach_text_encoder(text_encoder, tokenizer, infinity.config.text_channels)
+        self.freeze("vae", "text_encoder")
 
-    @classmethod
-    def from_paths(
-        cls,
-        checkpoint: str | os.PathLike,
-        vq_checkpoint: str | os.PathLike,
-        text_encoder: str | os.PathLike,
-        size: str = "tiny",
-        vq_size: str = "tiny",
-        image_size: int = 64,
-    ) -> InfinityStudent:
-        """Load released-format weights; text_encoder is a local `save_pretrained` folder (model + tokenizer)."""
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        config, vae_config = _pick(INFINITY_SIZES, size, "Infinity"), _pick(VAE_SIZES, vq_size, "BSQ-VAE")
+    @classmethod  # the signature `T5Student.from_params` calls, as every T5 family's
+    def from_paths(cls, checkpoint: str | os.PathLike, vq_checkpoint: str | os.PathLike,
+                   text_encoder: str | os.PathLike, size: str = "tiny", vq_size: str = "tiny",
+                   image_size: int = 64) -> InfinityStudent:
+        """Load released-format weights (vq_checkpoint: the BSQ-VAE); text_encoder is a local `save_pretrained`
+        folder (model + tokenizer)."""
+        config, vae_config = pick(INFINITY_SIZES, size, "Infinity"), pick(VAE_SIZES, vq_size, "BSQ-VAE")
         if image_size % vae_config.patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of the VAE stride {vae_config.patch_size}")
         schedule = scale_schedule(image_size // vae_config.patch_size)
-        tokenizer = AutoTokenizer.from_pretrained(text_encoder, local_files_only=True)
-        encoder = T5EncoderModel.from_pretrained(text_encoder, local_files_only=True)
+        encoder, tokenizer = cls.load_text_encoder(text_encoder)
         return cls(load_infinity_checkpoint(checkpoint, config, schedule), load_vae_checkpoint(vq_checkpoint, vae_config),
                    encoder, tokenizer, image_size)
-
-    @classmethod
-    def from_params(cls, student: dict) -> InfinityStudent:
-        """`student` keys: checkpoint, vq_checkpoint (the BSQ-VAE), text_encoder (paths), size, vq_size, image_size."""
-        from ar_models import require_file
-
-        return cls.from_paths(
-            checkpoint=require_file(student, "checkpoint"), vq_checkpoint=require_file(student, "vq_checkpoint"),
-            text_encoder=require_file(student, "text_encoder", folder=True), size=student["size"],
-            vq_size=student["vq_size"], image_size=int(student["image_size"]),
-        )
-
-    def train(self, mode: bool = True) -> InfinityStudent:
-        super().train(mode)
-        self.vae.eval()
-        self.text_encoder.eval()
-        return self
 
     @property
     def device(self) -> torch.device:
         return self.infinity.pos_start.device
-
-    @property
-    def text_embedding(self) -> nn.Embedding:
-        return self.text_encoder.get_input_embeddings()
-
-    def set_text_embedding(self, embedding: nn.Embedding) -> None:
-        self.text_encoder.set_input_embeddings(embedding)
-        self.text_encoder.config.vocab_size = embedding.num_embeddings
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -764,20 +690,13 @@ class InfinityStudent(ARStudent):
                           for i, s in enumerate(self.schedule)])
 
     @torch.no_grad()
-    def sample_tokens(
-        self,
-        cond: PromptBatch,
-        cfg_scale: float | list[float] = 4.0,
-        temperature: float | list[float] = 0.5,
-        top_k: int = 900,
-        top_p: float = 0.97,
-        seed: int = 0,
-        use_cache: bool = True,
-        autocast: bool = False,
-    ) -> torch.Tensor:
+    def sample_tokens(self, cond: PromptBatch, cfg_scale: float | list[float] = 4.0,
+                      temperature: float | list[float] = 0.5, top_k: int = 900, top_p: float = 0.97, seed: int = 0,
+                      use_cache: bool = True, autocast: bool = False) -> torch.Tensor:
         """Bit tokens (B, N, d), one scale per step. `cfg_scale` and `temperature` (Infinity's tau) may be
         per-scale lists. Conditional and unconditional rows share one forward per scale; guidance is
-        cfg * cond + (1 - cfg) * uncond on the tau-scaled logits (the release's cfg_insertion_layer=0)."""
+        cfg * cond + (1 - cfg) * uncond on the tau-scaled logits (the release's cfg_insertion_layer=0).
+        Defaults are the release's (scripts/infer.sh, tools/run_infinity.py)."""
         S = len(self.schedule)
         cfgs, taus = _per_scale(cfg_scale, S, "cfg_scale"), _per_scale(temperature, S, "temperature")
         text = cond.features.to(self.device, self.infinity.cfg_uncond.dtype)
@@ -807,31 +726,10 @@ class InfinityStudent(ARStudent):
                     inputs.append(nxt.repeat(2 if guided else 1, 1, 1))
         return torch.cat(bits, dim=1)
 
-    def generate(
-        self,
-        prompts: list[str],
-        cfg_scale: float | list[float] = 4.0,
-        temperature: float | list[float] = 0.5,
-        top_k: int = 900,
-        top_p: float = 0.97,
-        seed: int = 0,
-        use_cache: bool = True,
-        autocast: bool = False,
-    ) -> torch.Tensor:
-        """Defaults are the release's (scripts/infer.sh, tools/run_infinity.py): cfg 4, tau 0.5, top-k 900,
-        top-p 0.97."""
-        with torch.no_grad():
-            cond = self.encode_prompts(prompts)
-        return self.generate_from(cond, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed, use_cache=use_cache, autocast=autocast)
-
-    def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
-        return self.decode_tokens(self.sample_tokens(cond, **sampling))
-
     def parameter_groups(self) -> dict[str, list[str]]:
         """Groups of `self.named_parameters()` names (transformer plus the T5 token table); matches peft-wrapped
         names too. Standalone q/v biases form their own group so every other group maps onto Linear modules."""
-        rules = {
+        rules = {  # group -> regex over this family's parameter names
             "text_embedding": r"(^|\.)text_encoder\.shared\.",
             "text_proj": r"\.(text_proj_for_sos|text_proj_for_ca|cfg_uncond)",
             "embeddings": r"\.(word_embed|lvl_embed|pos_start)",
@@ -844,14 +742,9 @@ class InfinityStudent(ARStudent):
             "norms": r"\.(ca_norm|text_norm)\.",
             "output": r"\.head\.",
         }
-        groups: dict[str, list[str]] = {k: [] for k in rules}
+        groups = self.group_parameters(rules, skip=r"^(vae|text_encoder)\.(?!shared\.)")
         per_chunk = self.infinity.config.depth // self.infinity.config.block_chunks
-        for full, _ in self.named_parameters():
-            if full.startswith(("vae.", "text_encoder.")) and not full.startswith("text_encoder.shared."):
-                continue
-            for group, pattern in rules.items():
-                if re.search(pattern, full):
-                    groups[group].append(full)
+        for full, _ in self.named_parameters():  # layer i is block_chunks.<i // per_chunk>.module.<i % per_chunk>
             if m := re.search(r"\.block_chunks\.(\d+)\.module\.(\d+)\.", full):
                 layer = int(m.group(1)) * per_chunk + int(m.group(2))
                 groups.setdefault(f"layer.{layer}", []).append(full)
@@ -862,38 +755,3 @@ class InfinityStudent(ARStudent):
 
     def enable_gradient_checkpointing(self) -> None:
         self.infinity.gradient_checkpointing = True
-
-
-# -----------------------------------------------------------------------------
-# Tiny replica
-
-
-def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64) -> dict[str, Path]:
-    """A randomly initialised Infinity at `tiny` size, saved as the release is: infinity_tiny.pth (a plain
-    state dict, like infinity_2b_reg.pth), infinity_vae_tiny.pth ({"vae": state_dict}, bit mask under both of
-    the release's quantizer names) and a text_encoder/ folder (tiny T5 + a word-level tokenizer trained on
-    `corpus`). Same seed, same files. Returns kwargs for `InfinityStudent.from_paths`."""
-    from ar_models.llamagen import tiny_t5_encoder, tiny_t5_tokenizer
-
-    if not corpus:
-        raise ValueError("build_tiny needs a non-empty corpus to train the tokenizer on")
-    config, vae_config = INFINITY_SIZES["tiny"], VAE_SIZES["tiny"]
-    schedule = scale_schedule(image_size // vae_config.patch_size)
-    tokenizer = tiny_t5_tokenizer(corpus, config.text_maxlen)
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        infinity, vae = Infinity(config, schedule), BSQVAE(vae_config)
-        encoder = tiny_t5_encoder(len(tokenizer), config.text_channels)
-    vae_state = vae.state_dict()
-    for name in ("quantizer", "quantize"):
-        vae_state[f"{name}.lfq.mask"] = vae.quantizer.lfq.mask.clone()
-
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        torch.save(infinity.state_dict(), tmp / "infinity_tiny.pth")
-        torch.save({"vae": vae_state}, tmp / "infinity_vae_tiny.pth")
-        encoder.save_pretrained(tmp / "text_encoder")
-        tokenizer.save_pretrained(tmp / "text_encoder")
-    return {"checkpoint": out / "infinity_tiny.pth", "vq_checkpoint": out / "infinity_vae_tiny.pth",
-            "text_encoder": out / "text_encoder"}

@@ -5,23 +5,21 @@ In image-generation mode Janus is a Llama decoder reading the chat-formatted pro
 tag) as token embeddings, then VQ codes embedded by `generation_embeddings` -> `generation_aligner`; the
 `generation_head` (not the text `lm_head`) predicts the next code. Checkpoints are transformers `save_pretrained`
 folders as published at deepseek-community/Janus-Pro-1B / -7B (model + processor/tokenizer), loaded with
-`from_pretrained` and checked strictly, so the tiny replica written by `build_tiny` goes through the same path.
+`from_pretrained` and checked strictly, so random-init replicas saved the same way go through the same path.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ar_models.base import ARStudent, PromptBatch
-from ar_models.llamagen import sample_logits
-from proxytune.io import atomic_dir
+from ar_models.llamagen import VQ_SIZES, VQConfig
+from ar_models.loading import fail_on, pick, quiet_transformers
+from ar_models.sampling import sample_guided
 
 # -----------------------------------------------------------------------------
 # Named sizes
@@ -30,7 +28,7 @@ from proxytune.io import atomic_dir
 @dataclass(frozen=True)
 class JanusSize:
     """The architecture numbers of a Janus-Pro release (text: Llama decoder; vision: SigLIP understanding
-    encoder; vq: LlamaGen's VQ-16 image tokenizer used for generation)."""
+    encoder; vq: LlamaGen's VQ-16 image tokenizer, which Janus generates with)."""
 
     dim: int = 2048
     n_layer: int = 24
@@ -42,16 +40,11 @@ class JanusSize:
     vision_layers: int = 24
     vision_heads: int = 16
     image_size: int = 384
-    codebook_size: int = 16384
-    codebook_embed_dim: int = 8
-    vq_ch: int = 128
-    vq_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    vq_z_channels: int = 256
-    vq_res_blocks: int = 2
+    vq: VQConfig = VQ_SIZES["VQ-16"]
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.vq_ch_mult) - 1)
+        return self.vq.downsample
 
     def config(self, tokenizer=None, image_size: int | None = None):
         """A `JanusConfig` of this size; with `tokenizer`, its vocabulary and special-token ids."""
@@ -74,8 +67,8 @@ class JanusSize:
             num_image_tokens=(image_size // self.downsample) ** 2,
         )
         vq = JanusVQVAEConfig(
-            embed_dim=self.codebook_embed_dim, num_embeddings=self.codebook_size, latent_channels=self.vq_z_channels,
-            base_channels=self.vq_ch, channel_multiplier=list(self.vq_ch_mult), num_res_blocks=self.vq_res_blocks,
+            embed_dim=self.vq.codebook_embed_dim, num_embeddings=self.vq.codebook_size, latent_channels=self.vq.z_channels,
+            base_channels=self.vq.ch, channel_multiplier=list(self.vq.ch_mult), num_res_blocks=self.vq.num_res_blocks,
             projection_dim=self.dim, image_token_embed_dim=self.dim,
         )
         image_token = tokenizer.convert_tokens_to_ids(tokenizer.image_token) if tokenizer is not None else 100581
@@ -85,54 +78,15 @@ class JanusSize:
 
 SIZES: dict[str, JanusSize] = {
     "tiny": JanusSize(dim=64, n_layer=2, n_head=4, ffn_dim=128, vocab_size=512, max_positions=512, vision_dim=32,
-                      vision_layers=1, vision_heads=2, image_size=32, codebook_size=256, vq_ch=32,
-                      vq_ch_mult=(1, 1, 2, 2), vq_z_channels=32, vq_res_blocks=1),
+                      vision_layers=1, vision_heads=2, image_size=32,
+                      vq=VQConfig(codebook_size=256, ch=32, ch_mult=(1, 1, 2, 2), z_channels=32, num_res_blocks=1)),
     "1B": JanusSize(),  # deepseek-ai/Janus-Pro-1B
     "7B": JanusSize(dim=4096, n_layer=30, n_head=32, ffn_dim=11008),  # deepseek-ai/Janus-Pro-7B
 }
 
-# The published processor's chat template (transformers' Janus conversion): "<|User|>: {prompt}\n\n<|Assistant|>:".
-CHAT_TEMPLATE = (
-    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}{%for message in messages%}"
-    "{%if message['role']|lower=='user'%}<|User|>: "
-    "{%elif message['role']|lower=='assistant'%}<|Assistant|>:{%if not (loop.last and not add_generation_prompt "
-    "and message['content'][0]['type']=='text' and message['content'][0]['text']=='')%} {%endif%}"
-    "{%else%}{{message['role'].capitalize()}}: {%endif%}"
-    "{%for content in message['content']%}{%if content['type']=='image'%}{%if not loop.first%}{{'\n'}}{%endif%}"
-    "<image_placeholder>{%if not loop.last%}{{'\n'}}{%endif%}{%elif content['type']=='text'%}"
-    "{%set text=content['text']%}{%if loop.first%}{%set text=text.lstrip()%}{%endif%}"
-    "{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
-    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}{{' '+text}}{%else%}{{text}}"
-    "{%endif%}{%endif%}{%endfor%}{%if not loop.last or add_generation_prompt%}"
-    "{%if message['role']|lower=='user'%}{{seps[0]}}{%else%}{{seps[1]}}{%endif%}{%endif%}{%endfor%}"
-    "{%if add_generation_prompt%}<|Assistant|>:{%endif%}"
-)
-
-
-def _pick(name: str) -> JanusSize:
-    if name not in SIZES:
-        raise ValueError(f"unknown Janus-Pro size {name!r}; choose one of {', '.join(SIZES)}")
-    return SIZES[name]
-
 
 # -----------------------------------------------------------------------------
 # Loading
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers prints a multi-line load report and progress bars; we raise our own one-line error instead."""
-    from transformers.utils import logging
-
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def load_janus(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -142,20 +96,16 @@ def load_janus(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
     (transformers alone would re-initialise missing ones with a warning)."""
     from transformers import JanusForConditionalGeneration, JanusProcessor
 
-    with _quiet_transformers():
+    with quiet_transformers():
         model, info = JanusForConditionalGeneration.from_pretrained(
             folder, dtype=dtype, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True,
         )
         processor = JanusProcessor.from_pretrained(folder, local_files_only=True)
-    problems = []
-    mismatched = [f"{k} {tuple(a)} != {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])]
-    for label, names in (("missing", sorted(info["missing_keys"])), ("unexpected", sorted(info["unexpected_keys"])),
-                         ("mis-shaped", mismatched), ("errors", list(info["error_msgs"]))):
-        if names:
-            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-            problems.append(f"{label}: {', '.join(names[:5])}{more}")
-    if problems:
-        raise ValueError(f"{folder}: does not fit JanusForConditionalGeneration; " + "; ".join(problems))
+    fail_on(folder, "JanusForConditionalGeneration", {
+        "missing": sorted(info["missing_keys"]), "unexpected": sorted(info["unexpected_keys"]),
+        "mis-shaped": [f"{k} {tuple(a)} != {tuple(b)}" for k, a, b in sorted(info["mismatched_keys"])],
+        "errors": list(info["error_msgs"]),
+    })
     return model.eval(), processor
 
 
@@ -190,15 +140,13 @@ class JanusProStudent(ARStudent):
         ids = self.tokenizer.convert_tokens_to_ids([self.tokenizer.bos_token, self.tokenizer.boi_token,
                                                     self.tokenizer.pad_token])
         self.bos_id, self.boi_id, self.pad_id = ids
-        for frozen in (vq, model.model.vision_model, model.model.aligner, model.lm_head):
-            frozen.requires_grad_(False)
-        self.train(False)
+        self.freeze("model.model.vqmodel", "model.model.vision_model", "model.model.aligner", "model.lm_head")
 
     @classmethod
     def from_paths(cls, checkpoint: str | os.PathLike, size: str = "tiny", image_size: int = 32,
                    dtype: str = "float32") -> JanusProStudent:
         """Load a Janus `save_pretrained` folder, checking it is the architecture `size` names."""
-        expected = _pick(size)
+        expected = pick(SIZES, size, "Janus-Pro")
         if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r} (e.g. float32, bfloat16)")
         model, processor = load_janus(checkpoint, getattr(torch, dtype))
@@ -206,7 +154,7 @@ class JanusProStudent(ARStudent):
         found = {"hidden_size": (text.hidden_size, expected.dim), "num_hidden_layers": (text.num_hidden_layers,
                  expected.n_layer), "num_attention_heads": (text.num_attention_heads, expected.n_head),
                  "intermediate_size": (text.intermediate_size, expected.ffn_dim),
-                 "vq num_embeddings": (vq.num_embeddings, expected.codebook_size)}
+                 "vq num_embeddings": (vq.num_embeddings, expected.vq.codebook_size)}
         wrong = [f"{k} {a} != {b}" for k, (a, b) in found.items() if a != b]
         if wrong:
             raise ValueError(f"{checkpoint}: config.json is not Janus-Pro size {size!r} ({', '.join(wrong)})")
@@ -219,12 +167,6 @@ class JanusProStudent(ARStudent):
 
         return cls.from_paths(checkpoint=require_file(student, "checkpoint", folder=True), size=student["size"],
                               image_size=int(student["image_size"]), dtype=student.get("dtype", "float32"))
-
-    def train(self, mode: bool = True) -> JanusProStudent:
-        super().train(mode)
-        self.model.model.vqmodel.eval()  # frozen parts never switch to training behaviour
-        self.model.model.vision_model.eval()
-        return self
 
     @property
     def device(self) -> torch.device:
@@ -315,16 +257,8 @@ class JanusProStudent(ARStudent):
         return self._head(self._hidden(embeds, full)[:, L - 1:])
 
     @torch.no_grad()
-    def sample_tokens(
-        self,
-        cond: PromptBatch,
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
+    def sample_tokens(self, cond: PromptBatch, cfg_scale: float = 4.0, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0, use_cache: bool = True) -> torch.Tensor:
         """Image codes (B, N). Conditional and unconditional rows share one batched forward per step, guided as
         uncond + cfg_scale * (cond - uncond) (Janus); the prompt is run once and cached when use_cache."""
         from transformers import DynamicCache
@@ -343,10 +277,7 @@ class JanusProStudent(ARStudent):
         hidden = self._hidden(prompt, mask, cache)[:, -1]
         for i in range(N):
             logits = self._head(hidden)
-            if guided:
-                c, u = logits.chunk(2)
-                logits = u + (c - u) * cfg_scale
-            nxt = sample_logits(logits, temperature, top_k, top_p, generator)
+            nxt = sample_guided(logits, cfg_scale, temperature, top_k, top_p, generator)
             tokens = torch.cat([tokens, nxt.repeat(2 if guided else 1)[:, None]], dim=1)
             if i == N - 1:
                 break
@@ -357,24 +288,6 @@ class JanusProStudent(ARStudent):
                 hidden = self._hidden(torch.cat([prompt, self._image_embeds(tokens)], dim=1), full)[:, -1]
         return tokens[:B]
 
-    def generate(
-        self,
-        prompts: list[str],
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            cond = self.encode_prompts(prompts)
-        return self.generate_from(cond, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed, use_cache=use_cache)
-
-    def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
-        return self.decode_tokens(self.sample_tokens(cond, **sampling))
-
     # -- parameter selection
 
     def parameter_groups(self) -> dict[str, list[str]]:
@@ -382,7 +295,7 @@ class JanusProStudent(ARStudent):
         embeddings/aligner/head; the VQ, understanding encoder and text `lm_head` are never grouped. Matches
         peft-wrapped names too."""
         lm = r"\.language_model\."
-        rules = {
+        rules = {  # group -> regex over this family's parameter names
             "text_embedding": lm + r"embed_tokens\.",
             "attn_qkv": lm + r"layers\.\d+\.self_attn\.[qkv]_proj\.",
             "attn_out": lm + r"layers\.\d+\.self_attn\.o_proj\.",
@@ -391,65 +304,10 @@ class JanusProStudent(ARStudent):
             "image_embeddings": r"\.generation_(embeddings|aligner)\.",
             "output": r"\.generation_head\.",
         }
-        groups: dict[str, list[str]] = {k: [] for k in rules}
-        groups["cross_attn"] = []  # the prompt is a prefix of the sequence: no cross-attention
-        for full, _ in self.named_parameters():
-            for group, pattern in rules.items():
-                if re.search(pattern, full):
-                    groups[group].append(full)
-            if m := re.search(lm + r"layers\.(\d+)\.", full):
-                groups.setdefault(f"layer.{m.group(1)}", []).append(full)
-        return groups
+        # no cross-attention: the prompt is a prefix of the sequence
+        return self.group_parameters(rules, layer=lm + r"layers\.(\d+)\.")
 
     def lora_target_modules(self) -> list[str]:
         """The language model's attention and MLP projections, by full name: a bare `q_proj` suffix would also
         catch the understanding encoder's."""
         return self.module_names(["attn_qkv", "attn_out", "mlp"])
-
-
-# -----------------------------------------------------------------------------
-# Tiny replica
-
-
-def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 32) -> dict:
-    """A randomly initialised Janus-Pro at `tiny` size in the published layout: `save_pretrained` of the model
-    and of a JanusProcessor whose byte-level BPE tokenizer is trained on `corpus` with Janus's special tokens.
-    Same seed, same files. Returns the `student` params entries (checkpoint, size, image_size)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor, PreTrainedTokenizerFast
-
-    if not corpus:
-        raise ValueError("build_tiny needs a non-empty corpus to train the tokenizer on")
-    size = SIZES["tiny"]
-    if image_size % size.downsample:
-        raise ValueError(f"image_size {image_size} is not a multiple of the VQ downsampling {size.downsample}")
-    # DeepSeek's spellings (fullwidth bars, U+2581 for spaces), as in the published tokenizer
-    bos, eos, pad = ("<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>",
-                     "<\uff5c\u2581pad\u2581\uff5c>")
-    images = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>"}
-    specials = [bos, eos, pad, *images.values(), "<|User|>", "<|Assistant|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=size.vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 0)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, additional_special_tokens=specials[3:],
-        extra_special_tokens=images, model_max_length=size.max_positions,
-    )
-    grid = image_size // size.downsample
-    processor = JanusProcessor(
-        image_processor=JanusImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE, use_default_system_prompt=True, num_image_tokens=grid * grid,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = JanusForConditionalGeneration(size.config(tokenizer, image_size))
-
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp, _quiet_transformers():
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return {"checkpoint": out, "size": "tiny", "image_size": image_size}

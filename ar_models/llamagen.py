@@ -2,13 +2,11 @@
 
 A Llama-style decoder reads a prefix of projected T5 caption features and predicts VQ image codes in
 raster order. Module and buffer names match the released LlamaGen t2i / VQ checkpoints key for key, so
-official weights load with no renaming, and the tiny replica written by `build_tiny` loads with the
-official code too.
+official weights load with no renaming, and weights saved from these modules load with the official code too.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 from dataclasses import dataclass, replace
@@ -19,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ar_models.base import ARStudent, PromptBatch
-from proxytune.io import atomic_dir
+from ar_models.base import PromptBatch, T5Student
+from ar_models.loading import load_strict, pick
+from ar_models.sampling import bf16_weight_cache, sample_guided
+from ar_models.vq_blocks import AttnBlock, Downsample, ResnetBlock, Upsample, VQAutoencoder, group_norm
 
 # -----------------------------------------------------------------------------
 # GPT
@@ -287,59 +287,8 @@ VQ_SIZES: dict[str, VQConfig] = {
 }
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.norm1 = _group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _group_norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, with 1x1 convs as projections."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.norm = _group_norm(ch)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))  # (B, HW, C)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj_out(y)
-
-
-class Downsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as taming-transformers
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
+# Own copies of taming's Level, mid, Encoder and Decoder (ar_models.vq_blocks): LlamaGen's VQ names them
+# `conv_blocks.<i>.res` and `mid.<0-2>`, and orders the decoder's levels from the deepest one.
 class Level(nn.Module):
     """One resolution of the encoder/decoder: res blocks, attention at the lowest resolution, resampling."""
 
@@ -369,6 +318,8 @@ def _mid(ch: int) -> nn.ModuleList:
 
 
 class Encoder(nn.Module):
+    """RGB -> latents in LlamaGen's layout (the Decoder mirrors it)."""
+
     def __init__(self, c: VQConfig):
         super().__init__()
         n = len(c.ch_mult)
@@ -379,7 +330,7 @@ class Encoder(nn.Module):
             for i in range(n)
         )
         self.mid = _mid(chans[-1])
-        self.norm_out = _group_norm(chans[-1])
+        self.norm_out = group_norm(chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], c.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -390,6 +341,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents -> RGB in LlamaGen's layout: `conv_blocks[0]` is the deepest level."""
+
     def __init__(self, c: VQConfig):
         super().__init__()
         n = len(c.ch_mult)
@@ -401,7 +354,7 @@ class Decoder(nn.Module):
                   resample="up" if i < n - 1 else None)
             for i in range(n)
         )
-        self.norm_out = _group_norm(chans[-1])
+        self.norm_out = group_norm(chans[-1])
         self.conv_out = nn.Conv2d(chans[-1], 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -436,24 +389,13 @@ class VectorQuantizer(nn.Module):
         return z.view(codes.shape[0], grid_size, grid_size, -1).permute(0, 3, 1, 2).contiguous()
 
 
-class VQModel(nn.Module):
+class VQModel(VQAutoencoder):
+    """LlamaGen's VQ tokenizer (cosine codebook lookup)."""
+
     def __init__(self, config: VQConfig):
-        super().__init__()
-        self.config = config
-        self.encoder = Encoder(config)
-        self.decoder = Decoder(config)
-        self.quantize = VectorQuantizer(config.codebook_size, config.codebook_embed_dim)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> codes (B, (H/ds) * (W/ds)), raster order."""
-        return self.quantize.quantize(self.quant_conv(self.encoder(images)))
-
-    def decode_code(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, N) of a square grid -> images (B, 3, H, W), not clamped."""
-        grid_size = round(codes.shape[1] ** 0.5)
-        return self.decoder(self.post_quant_conv(self.quantize.lookup(codes, grid_size)))
+        encoder, decoder = Encoder(config), Decoder(config)  # built before the codebook: the order fixes random init
+        quantize = VectorQuantizer(config.codebook_size, config.codebook_embed_dim)
+        super().__init__(config, encoder, decoder, quantize, config.codebook_embed_dim)
 
 
 # -----------------------------------------------------------------------------
@@ -483,90 +425,25 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _load_into(model: nn.Module, path, state: dict[str, torch.Tensor], extras: re.Pattern | None) -> None:
-    expected = model.state_dict()
-    state = {k: v for k, v in state.items() if k in expected or not (extras and extras.fullmatch(k))}
-    problems = []
-    for label, names in (
-        ("missing", sorted(expected.keys() - state.keys())),
-        ("unexpected", sorted(state.keys() - expected.keys())),
-        ("mis-shaped", [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-                        for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]),
-    ):
-        if names:
-            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-            problems.append(f"{label}: {', '.join(sorted(names)[:5])}{more}")
-    if problems:
-        raise ValueError(f"{path}: does not fit {type(model).__name__}; " + "; ".join(problems))
-    model.load_state_dict(state)
-
-
 def load_gpt_checkpoint(path: str | os.PathLike, config: GPTConfig) -> GPT:
     """A LlamaGen t2i GPT checkpoint (.pt/.pth/.safetensors) -> GPT in eval mode; ValueError on any mismatch."""
     model = GPT(config)
-    _load_into(model, path, _read_state_dict(path), _GPT_EXTRAS)
+    load_strict(model, path, _read_state_dict(path), _GPT_EXTRAS)
     return model.eval()
 
 
 def load_vq_checkpoint(path: str | os.PathLike, config: VQConfig) -> VQModel:
     """A LlamaGen VQ checkpoint -> VQModel in eval mode; ValueError on any mismatch."""
     model = VQModel(config)
-    _load_into(model, path, _read_state_dict(path), None)
+    load_strict(model, path, _read_state_dict(path))
     return model.eval()
-
-
-def _pick(sizes: dict, name: str, what: str):
-    if name not in sizes:
-        raise ValueError(f"unknown {what} size {name!r}; choose one of {', '.join(sizes)}")
-    return sizes[name]
-
-
-# -----------------------------------------------------------------------------
-# Sampling
-
-
-def sample_logits(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """One token per row of logits (B, V): temperature, then top-k, then nucleus filtering."""
-    logits = logits / max(temperature, 1e-5)
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop_sorted = probs.cumsum(-1) - probs > top_p  # mass before a token already exceeds top_p
-        logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
 
 
 # -----------------------------------------------------------------------------
 # Student
 
 
-@contextlib.contextmanager
-def bf16_weight_cache(module: nn.Module, enabled: bool):
-    """Let autocast cast each frozen weight to bf16 once per sampling run instead of once per decode step.
-
-    torch.autocast caches its bf16 copies only for leaf weights that require grad, so a frozen GPT (or peft's
-    frozen base layers) is re-cast every step, which made bf16 decoding slower than fp32. Sampling runs under
-    no_grad, so marking the weights for its duration builds no graph; they are restored afterwards."""
-    frozen = [p for p in module.parameters() if enabled and not p.requires_grad and p.is_floating_point()]
-    for p in frozen:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(False)
-
-
-class LlamaGenStudent(ARStudent):
+class LlamaGenStudent(T5Student):
     """GPT + VQ + frozen T5 encoder behind the `ARStudent` interface. Only `gpt` is meant to be trained."""
 
     def __init__(self, gpt: GPT, vq: VQModel, text_encoder: nn.Module, tokenizer, image_size: int):
@@ -576,66 +453,26 @@ class LlamaGenStudent(ARStudent):
             raise ValueError(f"image_size {image_size}: {grid}x{grid} codes, GPT expects {gpt.config.block_size}")
         if gpt.config.vocab_size != vq.config.codebook_size:
             raise ValueError(f"GPT vocab {gpt.config.vocab_size} != VQ codebook {vq.config.codebook_size}")
-        if text_encoder.config.d_model != gpt.config.caption_dim:
-            raise ValueError(f"text encoder width {text_encoder.config.d_model} != {gpt.config.caption_dim}")
-        self.gpt, self.vq, self.text_encoder = gpt, vq, text_encoder
-        self.tokenizer = tokenizer
-        self.tokenizer.padding_side = "right"  # encode_prompts moves the valid tokens to the end itself
-        self.image_size = image_size
-        self.vq.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
-        self.train(False)
+        self.gpt, self.vq, self.image_size = gpt, vq, image_size
+        self.attach_text_encoder(text_encoder, tokenizer, gpt.config.caption_dim)
+        self.freeze("vq", "text_encoder")
 
-    @classmethod
-    def from_paths(
-        cls,
-        checkpoint: str | os.PathLike,
-        vq_checkpoint: str | os.PathLike,
-        text_encoder: str | os.PathLike,
-        size: str = "tiny",
-        vq_size: str = "tiny",
-        image_size: int = 64,
-    ) -> LlamaGenStudent:
+    @classmethod  # the signature `T5Student.from_params` calls, as every T5 family's
+    def from_paths(cls, checkpoint: str | os.PathLike, vq_checkpoint: str | os.PathLike,
+                   text_encoder: str | os.PathLike, size: str = "tiny", vq_size: str = "tiny",
+                   image_size: int = 64) -> LlamaGenStudent:
         """Load released-format weights; text_encoder is a local `save_pretrained` folder (model + tokenizer)."""
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        gpt_config, vq_config = _pick(GPT_SIZES, size, "GPT"), _pick(VQ_SIZES, vq_size, "VQ")
+        gpt_config, vq_config = pick(GPT_SIZES, size, "GPT"), pick(VQ_SIZES, vq_size, "VQ")
         if image_size % vq_config.downsample:
             raise ValueError(f"image_size {image_size} is not a multiple of VQ downsampling {vq_config.downsample}")
         gpt_config = replace(gpt_config, block_size=(image_size // vq_config.downsample) ** 2)
-        tokenizer = AutoTokenizer.from_pretrained(text_encoder, local_files_only=True)
-        encoder = T5EncoderModel.from_pretrained(text_encoder, local_files_only=True)
+        encoder, tokenizer = cls.load_text_encoder(text_encoder)
         return cls(load_gpt_checkpoint(checkpoint, gpt_config), load_vq_checkpoint(vq_checkpoint, vq_config),
                    encoder, tokenizer, image_size)
-
-    @classmethod
-    def from_params(cls, student: dict) -> LlamaGenStudent:
-        """`student` keys: checkpoint, vq_checkpoint, text_encoder (paths), size, vq_size, image_size."""
-        from ar_models import require_file
-
-        return cls.from_paths(
-            checkpoint=require_file(student, "checkpoint"), vq_checkpoint=require_file(student, "vq_checkpoint"),
-            text_encoder=require_file(student, "text_encoder", folder=True), size=student["size"], vq_size=student["vq_size"],
-            image_size=int(student["image_size"]),
-        )
-
-    def train(self, mode: bool = True) -> LlamaGenStudent:
-        super().train(mode)
-        self.vq.eval()  # frozen parts never switch to training behaviour
-        self.text_encoder.eval()
-        return self
 
     @property
     def device(self) -> torch.device:
         return self.gpt.tok_embeddings.weight.device
-
-    @property
-    def text_embedding(self) -> nn.Embedding:
-        return self.text_encoder.get_input_embeddings()
-
-    def set_text_embedding(self, embedding: nn.Embedding) -> None:
-        self.text_encoder.set_input_embeddings(embedding)
-        self.text_encoder.config.vocab_size = embedding.num_embeddings
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -673,17 +510,9 @@ class LlamaGenStudent(ARStudent):
         return self.gpt(tokens[:, :-1], caption, cond.mask.to(self.device), logits_from=T - 1)
 
     @torch.no_grad()
-    def sample_tokens(
-        self,
-        cond: PromptBatch,
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-        autocast: bool = False,
-    ) -> torch.Tensor:
+    def sample_tokens(self, cond: PromptBatch, cfg_scale: float = 4.0, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+                      autocast: bool = False) -> torch.Tensor:
         """Image codes (B, N). Conditional and unconditional rows share one batched forward per step, guided
         as uncond + cfg_scale * (cond - uncond); the unconditional rows reuse the prompt's mask (LlamaGen)."""
         caption, mask = self._caption(cond), cond.mask.to(self.device)
@@ -698,10 +527,7 @@ class LlamaGenStudent(ARStudent):
         with bf16_weight_cache(self.gpt, autocast), torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
             logits = self.gpt(None, caption, mask, caches=caches, logits_from=-1)[:, -1]  # the prefix, once
             for i in range(N):
-                if guided:
-                    c, u = logits.chunk(2)
-                    logits = u + (c - u) * cfg_scale
-                nxt = sample_logits(logits, temperature, top_k, top_p, generator)
+                nxt = sample_guided(logits, cfg_scale, temperature, top_k, top_p, generator)
                 tokens = torch.cat([tokens, nxt.repeat(2 if guided else 1)[:, None]], dim=1)
                 if i == N - 1:
                     break
@@ -711,29 +537,10 @@ class LlamaGenStudent(ARStudent):
                     logits = self.gpt(tokens, caption, mask, logits_from=-1)[:, -1]
         return tokens[:B]
 
-    def generate(
-        self,
-        prompts: list[str],
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-        autocast: bool = False,
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            cond = self.encode_prompts(prompts)
-        return self.generate_from(cond, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed, use_cache=use_cache, autocast=autocast)
-
-    def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
-        return self.decode_tokens(self.sample_tokens(cond, **sampling))
-
     def parameter_groups(self) -> dict[str, list[str]]:
         """Groups of `self.named_parameters()` names (GPT weights plus the T5 token table); matches peft-wrapped
         names too."""
-        rules = {
+        rules = {  # group -> regex over this family's parameter names
             "text_embedding": r"^text_encoder\.shared\.",
             "caption_embedder": r"\.cls_embedding\.",
             "tok_embeddings": r"\.tok_embeddings\.",
@@ -743,75 +550,11 @@ class LlamaGenStudent(ARStudent):
             "norms": r"(_norm|\.norm)\.",
             "output": r"\.output\.",
         }
-        groups: dict[str, list[str]] = {k: [] for k in rules}
-        groups["cross_attn"] = []  # the caption is a prefix of the sequence: no cross-attention
-        for full, _ in self.named_parameters():
-            if full.startswith(("vq.", "text_encoder.")) and not full.startswith("text_encoder.shared."):
-                continue
-            for group, pattern in rules.items():
-                if re.search(pattern, full):
-                    groups[group].append(full)
-            if m := re.search(r"\.layers\.(\d+)\.", full):
-                groups.setdefault(f"layer.{m.group(1)}", []).append(full)
-        return groups
+        # no cross-attention: the caption is a prefix of the sequence
+        return self.group_parameters(rules, layer=r"\.layers\.(\d+)\.", skip=r"^(vq|text_encoder)\.(?!shared\.)")
 
     def lora_target_modules(self) -> list[str]:
         return ["wqkv", "wo", "w1", "w2", "w3"]
 
     def enable_gradient_checkpointing(self) -> None:
         self.gpt.gradient_checkpointing = True
-
-
-# -----------------------------------------------------------------------------
-# Tiny replica
-
-
-def tiny_t5_tokenizer(corpus: list[str], max_length: int):
-    """A word-level tokenizer trained on `corpus` with T5's special ids (pad 0, </s> 1, unk 2) and `</s>`
-    appended, standing in for flan-t5's SentencePiece model in the tiny replicas."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
-
-
-def tiny_t5_encoder(vocab_size: int, d_model: int):
-    """A 2-layer T5EncoderModel of width `d_model` (random init from the current torch seed)."""
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(
-        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    ))
-
-
-def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64,
-               size: str = "tiny", vq_size: str = "tiny") -> dict[str, Path]:
-    """A randomly initialised LlamaGen at `size` / `vq_size` (small ones: tiny, world), saved the way the releases are: t2i.pt and vq.pt
-    ({"model": state_dict}) plus a text_encoder/ folder (tiny T5 + a word-level tokenizer trained on
-    `corpus`). Same seed, same files. Returns kwargs for `LlamaGenStudent.from_paths`."""
-    if not corpus:
-        raise ValueError("build_tiny needs a non-empty corpus to train the tokenizer on")
-    gpt_config, vq_config = _pick(GPT_SIZES, size, "GPT"), _pick(VQ_SIZES, vq_size, "VQ")
-    gpt_config = replace(gpt_config, block_size=(image_size // vq_config.downsample) ** 2)
-
-    tokenizer = tiny_t5_tokenizer(corpus, gpt_config.cls_token_num)
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        gpt, vq = GPT(gpt_config), VQModel(vq_config)
-        encoder = tiny_t5_encoder(len(tokenizer), gpt_config.caption_dim)
-
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        torch.save({"model": gpt.state_dict()}, tmp / "t2i.pt")
-        torch.save({"model": vq.state_dict()}, tmp / "vq.pt")
-        encoder.save_pretrained(tmp / "text_encoder")
-        tokenizer.save_pretrained(tmp / "text_encoder")
-    return {"checkpoint": out / "t2i.pt", "vq_checkpoint": out / "vq.pt", "text_encoder": out / "text_encoder"}

@@ -17,7 +17,6 @@ unconditional stream is the same turn with no prompt at all: it starts at <racm3
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -31,8 +30,9 @@ import yaml
 from torch import nn
 
 from ar_models.base import ARStudent, PromptBatch
-from ar_models.llamagen import sample_logits
-from proxytune.io import atomic_dir
+from ar_models.loading import check_keys, pick, quiet_transformers
+from ar_models.sampling import sample_guided
+from ar_models.vq_blocks import Decoder, Encoder, VQAutoencoder
 
 PROMPT_TEMPLATE = "Generate an image of {w}x{h} according to the following prompt:\n{prompt}"
 IMAGE_START, IMAGE_END = "<racm3:break>", "<eoss>"
@@ -68,39 +68,6 @@ DECODER_SIZES: dict[str, DecoderSize] = {
 }
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No progress bars, and no report of the (expected) absence of `model.vqmodel.*` from a released folder:
-    `load_decoder` checks keys itself beforehand."""
-    from transformers.utils import logging
-
-    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bar:
-            logging.enable_progress_bar()
-
-
-def _check_keys(path, what: str, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
-    """One-line ValueError naming `path` and the offending tensors, on any missing, extra or mis-shaped key."""
-    problems = []
-    for label, names in (
-        ("missing", sorted(expected.keys() - found.keys())),
-        ("unexpected", sorted(found.keys() - expected.keys())),
-        ("mis-shaped", sorted(f"{k} {found[k]} != {expected[k]}" for k in expected.keys() & found.keys()
-                              if tuple(found[k]) != tuple(expected[k]))),
-    ):
-        if names:
-            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-            problems.append(f"{label}: {', '.join(names[:5])}{more}")
-    if problems:
-        raise ValueError(f"{path}: does not fit {what}; " + "; ".join(problems))
-
-
 def _safetensors_shapes(folder: Path) -> dict[str, tuple]:
     """Tensor name -> shape from a HF folder's (possibly sharded) safetensors, reading headers only."""
     from safetensors import safe_open
@@ -128,7 +95,7 @@ def load_decoder(folder: str | os.PathLike, size: str, dtype: torch.dtype = torc
     unexpected or mis-shaped; `model.vqmodel.*` tensors (Chameleon's own conversions keep them) are skipped."""
     from transformers import ChameleonConfig, ChameleonForConditionalGeneration
 
-    folder, want = Path(folder), _pick(DECODER_SIZES, size, "decoder")
+    folder, want = Path(folder), pick(DECODER_SIZES, size, "decoder")
     config = ChameleonConfig.from_pretrained(folder, local_files_only=True)
     for name, value in asdict(want).items():
         if getattr(config, name) != value:
@@ -139,8 +106,8 @@ def load_decoder(folder: str | os.PathLike, size: str, dtype: torch.dtype = torc
         skeleton = ChameleonForConditionalGeneration(config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if not k.startswith("model.vqmodel.")}
     found = {k: v for k, v in _safetensors_shapes(folder).items() if not k.startswith("model.vqmodel.")}
-    _check_keys(folder, "ChameleonForConditionalGeneration", expected, found)
-    with _quiet_transformers():
+    check_keys(folder, "ChameleonForConditionalGeneration", expected, found)
+    with quiet_transformers():
         model = ChameleonForConditionalGeneration.from_pretrained(folder, dtype=dtype, local_files_only=True)
     del model.model.vqmodel
     return model.eval()
@@ -169,6 +136,11 @@ class VQGANConfig:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def attn_levels(self) -> tuple[int, ...]:
+        """The levels (0 = full size) whose resolution `attn_resolutions` lists."""
+        return tuple(i for i in range(len(self.ch_mult)) if self.resolution >> i in self.attn_resolutions)
 
 
 VQ_SIZES: dict[str, VQGANConfig] = {
@@ -210,129 +182,6 @@ def write_vq_config(path: Path, config: VQGANConfig) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2, self.conv2 = _norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        if in_ch != out_ch:
-            self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
-        return (self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over all pixels, 1x1 convs as projections."""
-
-    def __init__(self, ch: int):
-        super().__init__()
-        self.norm = _norm(ch)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (m(h).flatten(2).transpose(1, 2) for m in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj_out(y)
-
-
-class Resample(nn.Module):
-    """taming's Downsample (stride-2 conv after a right/bottom pad) or Upsample (nearest x2, then conv)."""
-
-    def __init__(self, ch: int, down: bool):
-        super().__init__()
-        self.down = down
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2) if down else nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.down else F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Level(nn.Module):
-    """One resolution: `block` res blocks, each followed by `attn` when the resolution is listed."""
-
-    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, attn: bool):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks))
-        self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(n_blocks if attn else 0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn):
-                x = self.attn[i](x)
-        if hasattr(self, "downsample"):
-            x = self.downsample(x)
-        if hasattr(self, "upsample"):
-            x = self.upsample(x)
-        return x
-
-
-class Mid(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch), AttnBlock(ch), ResnetBlock(ch, ch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, c: VQGANConfig):
-        super().__init__()
-        chans, res = [c.ch * m for m in (1, *c.ch_mult)], c.resolution
-        self.conv_in = nn.Conv2d(c.in_channels, c.ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        for i in range(len(c.ch_mult)):
-            level = Level(chans[i], chans[i + 1], c.num_res_blocks, res in c.attn_resolutions)
-            if i < len(c.ch_mult) - 1:
-                level.downsample, res = Resample(chans[i + 1], down=True), res // 2
-            self.down.append(level)
-        self.mid = Mid(chans[-1])
-        self.norm_out = _norm(chans[-1])
-        self.conv_out = nn.Conv2d(chans[-1], c.z_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
-
-
-class Decoder(nn.Module):
-    """`up[i]` is resolution level i (0 = full size) and runs from the last level back to 0, as in taming."""
-
-    def __init__(self, c: VQGANConfig):
-        super().__init__()
-        n, ch_in = len(c.ch_mult), c.ch * c.ch_mult[-1]
-        res = c.resolution // c.downsample
-        self.conv_in = nn.Conv2d(c.z_channels, ch_in, 3, padding=1)
-        self.mid = Mid(ch_in)
-        levels = []
-        for i in reversed(range(n)):
-            level = Level(ch_in, c.ch * c.ch_mult[i], c.num_res_blocks + 1, res in c.attn_resolutions)
-            ch_in = c.ch * c.ch_mult[i]
-            if i > 0:
-                level.upsample, res = Resample(ch_in, down=False), res * 2
-            levels.insert(0, level)
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(ch_in)
-        self.conv_out = nn.Conv2d(ch_in, c.out_ch, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
 class VectorQuantizer(nn.Module):
     """taming's VectorQuantizer2 at inference: nearest code in plain l2 distance (no normalisation)."""
 
@@ -353,24 +202,13 @@ class VectorQuantizer(nn.Module):
         return self.embedding(codes).view(codes.shape[0], grid, grid, -1).permute(0, 3, 1, 2).contiguous()
 
 
-class VQGAN(nn.Module):
+class VQGAN(VQAutoencoder):
     """Chameleon's image tokenizer; module names are taming's, so `vqgan.ckpt` loads with no renaming."""
 
     def __init__(self, config: VQGANConfig):
-        super().__init__()
-        self.config = config
-        self.encoder, self.decoder = Encoder(config), Decoder(config)
-        self.quantize = VectorQuantizer(config.n_embed, config.embed_dim)
-        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> codes (B, (H/ds) * (W/ds))."""
-        return self.quantize.quantize(self.quant_conv(self.encoder(images)))
-
-    def decode_code(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, N) of a square grid -> images (B, 3, H, W), not clamped."""
-        return self.decoder(self.post_quant_conv(self.quantize.lookup(codes, round(codes.shape[1] ** 0.5))))
+        encoder, decoder = Encoder(config, config.attn_levels), Decoder(config, config.attn_levels)
+        quantize = VectorQuantizer(config.n_embed, config.embed_dim)
+        super().__init__(config, encoder, decoder, quantize, config.embed_dim)
 
 
 # Training-only parts of a taming checkpoint (discriminator, LPIPS) that inference never needs.
@@ -391,15 +229,9 @@ def load_vqgan(ckpt: str | os.PathLike, config_path: str | os.PathLike) -> VQGAN
         raise ValueError(f"{ckpt}: not a VQGAN checkpoint (expected a 'state_dict' of name -> tensor)")
     state = {k: v for k, v in state.items() if not _VQ_TRAINING_KEYS.fullmatch(k)}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_keys(ckpt, f"the VQGAN of {config_path}", expected, {k: tuple(v.shape) for k, v in state.items()})
+    check_keys(ckpt, f"the VQGAN of {config_path}", expected, {k: tuple(v.shape) for k, v in state.items()})
     model.load_state_dict(state)
     return model.eval()
-
-
-def _pick(sizes: dict, name: str, what: str):
-    if name not in sizes:
-        raise ValueError(f"unknown {what} size {name!r}; choose one of {', '.join(sizes)}")
-    return sizes[name]
 
 
 # -----------------------------------------------------------------------------
@@ -433,21 +265,12 @@ class LuminaMGPTStudent(ARStudent):
             raise ValueError(f"tokenizer lacks Lumina-mGPT tokens {unknown or ['bos_token']}")
         self.register_buffer("header_ids", torch.tensor(ids[:3]), persistent=False)
         self.eol_id, self.eot_id = ids[3], ids[4]
-        self.vq.requires_grad_(False)
-        self.train(False)
+        self.freeze("vq")
 
     @classmethod
-    def from_paths(
-        cls,
-        checkpoint: str | os.PathLike,
-        vq_checkpoint: str | os.PathLike,
-        vq_config: str | os.PathLike,
-        tokenizer: str | os.PathLike | None = None,
-        size: str = "tiny",
-        image_size: int = 64,
-        max_prompt_tokens: int = 128,
-        dtype: str = "float32",
-    ) -> LuminaMGPTStudent:
+    def from_paths(cls, checkpoint: str | os.PathLike, vq_checkpoint: str | os.PathLike, vq_config: str | os.PathLike,
+                   tokenizer: str | os.PathLike | None = None, size: str = "tiny", image_size: int = 64,
+                   max_prompt_tokens: int = 128, dtype: str = "float32") -> LuminaMGPTStudent:
         """Released-format weights: a Lumina-mGPT HF folder (its tokenizer too, unless `tokenizer` names one),
         Meta's vqgan.ckpt and vqgan.yaml."""
         from transformers import AutoTokenizer
@@ -471,11 +294,6 @@ class LuminaMGPTStudent(ARStudent):
             size=student["size"], image_size=int(student["image_size"]),
             max_prompt_tokens=int(student.get("max_prompt_tokens", 128)), dtype=student.get("dtype", "float32"),
         )
-
-    def train(self, mode: bool = True) -> LuminaMGPTStudent:
-        super().train(mode)
-        self.vq.eval()
-        return self
 
     @property
     def device(self) -> torch.device:
@@ -562,17 +380,9 @@ class LuminaMGPTStudent(ARStudent):
         return self.image_logits(hidden[:, cond.mask.shape[1] + 2 + code_pos])
 
     @torch.no_grad()
-    def sample_tokens(
-        self,
-        cond: PromptBatch,
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-        autocast: bool = False,
-    ) -> torch.Tensor:
+    def sample_tokens(self, cond: PromptBatch, cfg_scale: float = 4.0, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+                      autocast: bool = False) -> torch.Tensor:
         """VQ codes (B, N). Conditional and unconditional (prompt hidden) rows share one batched forward per
         code; logits are guided as uncond + cfg_scale * (cond - uncond), then temperature, top-k over image
         tokens (Lumina's image_top_k), top-p. End-of-line tokens are forced, costing no sampling step."""
@@ -589,10 +399,7 @@ class LuminaMGPTStudent(ARStudent):
             hidden, cache = self._forward(cond, body, visible, use_cache=use_cache)  # prompt + header, once
             for i in range(N):
                 logits = self.image_logits(hidden[:, -1])
-                if guided:
-                    c, u = logits.chunk(2)
-                    logits = u + (c - u) * cfg_scale
-                code = sample_logits(logits, temperature, top_k, top_p, generator)
+                code = sample_guided(logits, cfg_scale, temperature, top_k, top_p, generator)
                 codes.append(code)
                 if i == N - 1:
                     break
@@ -603,31 +410,12 @@ class LuminaMGPTStudent(ARStudent):
                 hidden, cache = self._forward(cond, body, visible, cache, use_cache)
         return torch.stack(codes, dim=1)
 
-    def generate(
-        self,
-        prompts: list[str],
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-        autocast: bool = False,
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            cond = self.encode_prompts(prompts)
-        return self.generate_from(cond, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed, use_cache=use_cache, autocast=autocast)
-
-    def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
-        return self.decode_tokens(self.sample_tokens(cond, **sampling))
-
     # -- training surface
 
     def parameter_groups(self) -> dict[str, list[str]]:
         """Groups of `self.named_parameters()` names (decoder only; the VQGAN is frozen); matches
         peft-wrapped names too. The token table is the text embedding: Chameleon has one vocabulary."""
-        rules = {
+        rules = {  # group -> regex over this family's parameter names
             "text_embedding": r"(^|\.)decoder\.model\.embed_tokens\.",
             "attn_qkv": r"\.self_attn\.[qkv]_proj\.",
             "attn_out": r"\.self_attn\.o_proj\.",
@@ -635,83 +423,8 @@ class LuminaMGPTStudent(ARStudent):
             "norms": r"(_layernorm|\.self_attn\.[qk]_norm|\.model\.norm)\.",
             "output": r"(^|\.)decoder\.lm_head\.",
         }
-        groups: dict[str, list[str]] = {k: [] for k in rules}
-        groups["cross_attn"] = []  # the prompt is part of the sequence: no cross-attention
-        for full, _ in self.named_parameters():
-            if re.search(r"(^|\.)vq\.", full):
-                continue
-            for group, pattern in rules.items():
-                if re.search(pattern, full):
-                    groups[group].append(full)
-            if m := re.search(r"\.layers\.(\d+)\.", full):
-                groups.setdefault(f"layer.{m.group(1)}", []).append(full)
-        return groups
+        # no cross-attention: the prompt is part of the sequence
+        return self.group_parameters(rules, layer=r"\.layers\.(\d+)\.", skip=r"(^|\.)vq\.")
 
     def lora_target_modules(self) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-# -----------------------------------------------------------------------------
-# Tiny replica
-
-
-def _tiny_tokenizer(corpus: list[str], n_codes: int, max_grid: int):
-    """A byte-level BPE tokenizer trained on `corpus` (+ the prompt template) whose vocabulary starts like
-    Chameleon's: <s> <pad> </s> <unk>, the IMGIMG image tokens (ids 4..), then Lumina-mGPT's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    digits = "ABCDEFGHIJ"  # Chameleon spells code 123 as IMGIMGBCDZ
-    images = [f"IMGIMG{''.join(digits[int(d)] for d in str(c))}Z" for c in range(n_codes)]
-    specials = ["<s>", "<pad>", "</s>", "<unk>", *images, IMAGE_END, IMAGE_START, END_OF_TURN, END_OF_LINE,
-                *(size_token(n) for n in range(max_grid + 1))]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    template = PROMPT_TEMPLATE.format(w=64, h=64, prompt="")
-    trainer = trainers.BpeTrainer(vocab_size=len(specials) + 400, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([template, *corpus], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
-def tiny_components(corpus: list[str], seed: int = 0, image_size: int = 64):
-    """The in-memory tiny decoder, VQGAN and tokenizer `build_tiny` saves (same seed, same weights)."""
-    from transformers import ChameleonConfig, ChameleonForConditionalGeneration
-
-    if not corpus:
-        raise ValueError("build_tiny needs a non-empty corpus to train the tokenizer on")
-    size, vq_config = DECODER_SIZES["tiny"], VQ_SIZES["tiny"]
-    tokenizer = _tiny_tokenizer(corpus, vq_config.n_embed, max_grid=max(16, image_size // vq_config.downsample))
-    vocab = tokenizer.get_vocab()
-    config = ChameleonConfig(
-        vocab_size=len(vocab), max_position_embeddings=1024, vocabulary_map=vocab, bos_token_id=vocab["<s>"],
-        pad_token_id=vocab["<pad>"], eos_token_id=vocab["</s>"], tie_word_embeddings=False, **asdict(size),
-        vq_config={"embed_dim": vq_config.embed_dim, "num_embeddings": vq_config.n_embed,
-                   "latent_channels": vq_config.z_channels, "base_channels": vq_config.ch,
-                   "channel_multiplier": list(vq_config.ch_mult), "num_res_blocks": vq_config.num_res_blocks,
-                   "resolution": vq_config.resolution, "attn_resolutions": list(vq_config.attn_resolutions)},
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        decoder = ChameleonForConditionalGeneration(config)
-        del decoder.model.vqmodel  # as Lumina-mGPT's finetune_solver: releases carry no VQ encoder
-        vq = VQGAN(vq_config)
-    return decoder.eval(), vq.eval(), tokenizer
-
-
-def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64) -> dict:
-    """A random-init Lumina-mGPT at `tiny` size in the released layout: model/ (config.json, model.safetensors,
-    tokenizer) as Lumina-mGPT-7B-768, vqgan.ckpt ({"state_dict": ...}) and vqgan.yaml as Meta's chameleon
-    tokenizer folder. Same seed, same files. Returns the `student` params entries for it."""
-    decoder, vq, tokenizer = tiny_components(corpus, seed, image_size)
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp, _quiet_transformers():
-        decoder.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        torch.save({"state_dict": vq.state_dict()}, tmp / "vqgan.ckpt")
-        write_vq_config(tmp / "vqgan.yaml", vq.config)
-    return {"checkpoint": out / "model", "vq_checkpoint": out / "vqgan.ckpt", "vq_config": out / "vqgan.yaml",
-            "size": "tiny", "image_size": image_size}
-

@@ -5,7 +5,7 @@ A multi-scale residual VQVAE turns an image into K code maps of growing size (1x
 transformer predicts each whole map at once from the upsampled sum of the earlier ones, attending block-causally
 across scales, with adaptive layer norm on the class embedding. Module and buffer names match the released
 `var_d*.pth` (a plain state dict) and `vae_ch160v4096z32.pth` key for key, so official weights load with no
-renaming and the tiny replica from `build_tiny` loads with the official code too.
+renaming and weights saved from these modules load with the official code too.
 
 Personalisation: VAR has no text encoder. A word-level tokenizer maps class names to rows of `class_emb`
 (num_classes + 1 rows, the last one unconditional; unknown words map to it). Identifier tokens grow the table
@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ar_models.base import ARStudent, PromptBatch
-from ar_models.llamagen import sample_logits
-from proxytune.io import atomic_dir
+from ar_models.loading import load_strict, pick
+from ar_models.sampling import ScaleKVCache, sample_logits
+from ar_models.vq_blocks import Encoder, Level, Mid, group_norm
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -62,19 +61,6 @@ VAR_SIZES: dict[str, VARConfig] = {
 }
 
 
-class KVCache:
-    """Keys/values of one layer, grown by one scale per step (VAR's cache: scales attend to all earlier ones)."""
-
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
-
-
 class SelfAttention(nn.Module):
     """Q/K/V with Q and V biases only (K's is a zero buffer); with `attn_l2_norm`, cosine attention scaled by a
     learned per-head temperature (clamped at 100), else 0.25/sqrt(head_dim) as in VAR."""
@@ -91,7 +77,7 @@ class SelfAttention(nn.Module):
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, H, 1, 1), 4.0).log())
         self.proj = nn.Linear(C, C)
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None, cache: ScaleKVCache | None) -> torch.Tensor:
         B, L, C = x.shape
         # the module call (not F.linear on .weight) keeps LoRA-wrapped mat_qkv working
         qkv = self.mat_qkv(x) + torch.cat([self.q_bias, self.zero_k_bias, self.v_bias]).to(x.dtype)
@@ -197,8 +183,8 @@ class VAR(nn.Module):
         for p in (self.pos_start, self.pos_1LC):
             nn.init.trunc_normal_(p, std=std)
 
-    def new_caches(self) -> list[KVCache]:
-        return [KVCache() for _ in self.blocks]
+    def new_caches(self) -> list[ScaleKVCache]:
+        return [ScaleKVCache() for _ in self.blocks]
 
     def embed(self, cond: torch.Tensor, x_BLCv: torch.Tensor, start: int) -> torch.Tensor:
         """Transformer inputs for positions start..: the first scale's `sos` tokens (when start is 0), then
@@ -214,7 +200,7 @@ class VAR(nn.Module):
         return h + self.lvl_embed(self.lvl_1L[:, start:end]) + self.pos_1LC[:, start:end]
 
     def forward(self, cond: torch.Tensor, x_BLCv: torch.Tensor, start: int = 0,
-                caches: list[KVCache] | None = None) -> torch.Tensor:
+                caches: list[ScaleKVCache] | None = None) -> torch.Tensor:
         """fp32 logits (B, l, V) for positions start..start+l. cond (B, D) is the class condition. Without caches
         pass every position from 0 (block-causal mask); with caches only the next scale's (no mask needed)."""
         h = self.embed(cond, x_BLCv, start)
@@ -258,30 +244,12 @@ VQ_SIZES: dict[str, VQVAEConfig] = {
 }
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, channels, eps=1e-6)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.norm1 = _group_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _group_norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        return self.nin_shortcut(x) + self.conv2(F.silu(self.norm2(h)))
-
-
-class AttnBlock(nn.Module):
+class AttnBlock(nn.Module):  # own copy of vq_blocks.AttnBlock: VAR's release fuses Q/K/V into one `qkv` conv
     """Single-head self-attention over pixels, one 1x1 conv for Q/K/V."""
 
     def __init__(self, ch: int):
         super().__init__()
-        self.norm = _group_norm(ch)
+        self.norm = group_norm(ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj_out = nn.Conv2d(ch, ch, 1)
 
@@ -292,93 +260,24 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(y)
 
 
-class Downsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Level(nn.Module):
-    """One resolution: res blocks (`block`), attention after each at the lowest resolution, resampling."""
-
-    def __init__(self, in_ch: int, out_ch: int, n_blocks: int, attn: bool, resample: str | None):
-        super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(in_ch if i == 0 else out_ch, out_ch) for i in range(n_blocks))
-        self.attn = nn.ModuleList(AttnBlock(out_ch) for _ in range(n_blocks if attn else 0))
-        if resample == "down":
-            self.downsample = Downsample(out_ch)
-        elif resample == "up":
-            self.upsample = Upsample(out_ch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(self.block):
-            x = block(x)
-            if len(self.attn):
-                x = self.attn[i](x)
-        if hasattr(self, "downsample"):
-            x = self.downsample(x)
-        if hasattr(self, "upsample"):
-            x = self.upsample(x)
-        return x
-
-
-class Mid(nn.Module):
-    def __init__(self, ch: int):
-        super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch), AttnBlock(ch), ResnetBlock(ch, ch)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class Encoder(nn.Module):
-    def __init__(self, config: VQVAEConfig):
-        super().__init__()
-        mult, n = config.ch_mult, len(config.ch_mult)
-        chans = [config.ch * m for m in (1, *mult)]
-        self.conv_in = nn.Conv2d(3, config.ch, 3, padding=1)
-        self.down = nn.ModuleList(
-            Level(chans[i], chans[i + 1], config.num_res_blocks, attn=i == n - 1, resample="down" if i < n - 1 else None)
-            for i in range(n)
-        )
-        self.mid = Mid(chans[-1])
-        self.norm_out = _group_norm(chans[-1])
-        self.conv_out = nn.Conv2d(chans[-1], config.z_channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
-
-
 class Decoder(nn.Module):
+    """Own copy of vq_blocks.Decoder (same modules, same math): it builds up[0] first where taming builds the
+    deepest level first, and a seed's random init depends on that order."""
+
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         mult, n = config.ch_mult, len(config.ch_mult)
         top = config.ch * mult[-1]
         self.conv_in = nn.Conv2d(config.z_channels, top, 3, padding=1)
-        self.mid = Mid(top)
+        self.mid = Mid(top, AttnBlock)
         # up[i] works at resolution i (0 = full size) and runs from i = n-1 down to 0, as in VAR's Decoder
         ins = [config.ch * mult[i + 1] if i < n - 1 else top for i in range(n)]
         self.up = nn.ModuleList(
-            Level(ins[i], config.ch * mult[i], config.num_res_blocks + 1, attn=i == n - 1,
+            Level(ins[i], config.ch * mult[i], config.num_res_blocks + 1, AttnBlock if i == n - 1 else None,
                   resample="up" if i > 0 else None)
             for i in range(n)
         )
-        self.norm_out = _group_norm(config.ch * mult[0])
+        self.norm_out = group_norm(config.ch * mult[0])
         self.conv_out = nn.Conv2d(config.ch * mult[0], 3, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -490,7 +389,8 @@ class VQVAE(nn.Module):
     def __init__(self, config: VQVAEConfig, patch_nums: tuple[int, ...]):
         super().__init__()
         self.config = config
-        self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.encoder = Encoder(config, attn_levels=(len(config.ch_mult) - 1,), attn=AttnBlock)  # the deepest level
+        self.decoder = Decoder(config)
         self.quantize = MultiScaleQuantizer(config, patch_nums)
         ks = config.quant_conv_ks
         self.quant_conv = nn.Conv2d(config.z_channels, config.z_channels, ks, padding=ks // 2)
@@ -517,45 +417,24 @@ class VQVAE(nn.Module):
 _FLEXIBLE = {"quantize.ema_vocab_hit_SV"}
 
 
-def _load_into(model: nn.Module, path: str | os.PathLike) -> None:
-    """Strict, key-for-key load of a plain state dict (VAR's release format); one-line ValueError otherwise."""
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """VAR's release format: a plain state dict."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict (name -> tensor)")
-    expected = model.state_dict()
-    problems = []
-    for label, names in (
-        ("missing", sorted(expected.keys() - state.keys())),
-        ("unexpected", sorted(state.keys() - expected.keys())),
-        ("mis-shaped", sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
-                              for k in expected.keys() & state.keys() - _FLEXIBLE
-                              if state[k].shape != expected[k].shape)),
-    ):
-        if names:
-            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-            problems.append(f"{label}: {', '.join(names[:5])}{more}")
-    if problems:
-        raise ValueError(f"{path}: does not fit {type(model).__name__}; " + "; ".join(problems))
-    state = {k: (expected[k] if k in _FLEXIBLE and v.shape != expected[k].shape else v) for k, v in state.items()}
-    model.load_state_dict(state)
+    return state
 
 
 def load_var_checkpoint(path: str | os.PathLike, config: VARConfig, vae: VQVAEConfig) -> VAR:
     model = VAR(config, vae.z_channels, vae.vocab_size)
-    _load_into(model, path)
+    load_strict(model, path, _read_state_dict(path))
     return model.eval()
 
 
 def load_vae_checkpoint(path: str | os.PathLike, config: VQVAEConfig, patch_nums: tuple[int, ...]) -> VQVAE:
     model = VQVAE(config, patch_nums)
-    _load_into(model, path)
+    load_strict(model, path, _read_state_dict(path), flexible=_FLEXIBLE)
     return model.eval()
-
-
-def _pick(sizes: dict, name: str, what: str):
-    if name not in sizes:
-        raise ValueError(f"unknown {what} size {name!r}; choose one of {', '.join(sizes)}")
-    return sizes[name]
 
 
 # -----------------------------------------------------------------------------
@@ -607,25 +486,17 @@ class VARStudent(ARStudent):
                              f"{var.config.num_classes}")
         self.var, self.vae, self.tokenizer, self.image_size = var, vae, tokenizer, image_size
         self.uncond_id = var.config.num_classes
-        self.vae.requires_grad_(False)
-        self.train(False)
+        self.freeze("vae")
 
     @classmethod
-    def from_paths(
-        cls,
-        checkpoint: str | os.PathLike,
-        vq_checkpoint: str | os.PathLike,
-        tokenizer: str | os.PathLike,
-        size: str = "tiny",
-        vq_size: str = "tiny",
-        image_size: int = 64,
-        patch_nums: tuple[int, ...] | list[int] | None = None,
-    ) -> VARStudent:
+    def from_paths(cls, checkpoint: str | os.PathLike, vq_checkpoint: str | os.PathLike, tokenizer: str | os.PathLike,
+                   size: str = "tiny", vq_size: str = "tiny", image_size: int = 64,
+                   patch_nums: tuple[int, ...] | list[int] | None = None) -> VARStudent:
         """Load released-format weights; `tokenizer` is a class tokenizer folder (`class_tokenizer` saved) whose
         class count must match the checkpoint's class_emb."""
         from transformers import PreTrainedTokenizerFast
 
-        config, vq_config = _pick(VAR_SIZES, size, "VAR"), _pick(VQ_SIZES, vq_size, "VQVAE")
+        config, vq_config = pick(VAR_SIZES, size, "VAR"), pick(VQ_SIZES, vq_size, "VQVAE")
         tok = PreTrainedTokenizerFast.from_pretrained(str(tokenizer), local_files_only=True)
         if tok.unk_token_id is None:
             raise ValueError(f"{tokenizer}: not a class tokenizer (no unknown-word token for the unconditional class)")
@@ -646,11 +517,6 @@ class VARStudent(ARStudent):
             tokenizer=require_file(student, "tokenizer", folder=True), size=student["size"],
             vq_size=student["vq_size"], image_size=int(student["image_size"]), patch_nums=student.get("patch_nums"),
         )
-
-    def train(self, mode: bool = True) -> VARStudent:
-        super().train(mode)
-        self.vae.eval()
-        return self
 
     @property
     def device(self) -> torch.device:
@@ -713,17 +579,9 @@ class VARStudent(ARStudent):
         return self.var(cond_BD, x)
 
     @torch.no_grad()
-    def sample_tokens(
-        self,
-        cond: PromptBatch,
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-        autocast: bool = False,
-    ) -> torch.Tensor:
+    def sample_tokens(self, cond: PromptBatch, cfg_scale: float = 4.0, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
+                      autocast: bool = False) -> torch.Tensor:
         """Codes (B, N), one scale per step. VAR's guidance ramps with the scale: at scale si of S the logits are
         (1 + t) cond - t uncond with t = (cfg_scale - 1) * si / (S - 1), i.e. VAR's `cfg` is cfg_scale - 1 (its
         cfg=1.5 is cfg_scale=2.5) and cfg_scale=1 is unguided. Conditional and unconditional rows share one
@@ -758,29 +616,10 @@ class VARStudent(ARStudent):
                     x_next = quant.next_input(f_hat, si)
         return torch.cat(scales, dim=1)
 
-    def generate(
-        self,
-        prompts: list[str],
-        cfg_scale: float = 4.0,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        use_cache: bool = True,
-        autocast: bool = False,
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            cond = self.encode_prompts(prompts)
-        return self.generate_from(cond, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  seed=seed, use_cache=use_cache, autocast=autocast)
-
-    def generate_from(self, cond: PromptBatch, **sampling) -> torch.Tensor:
-        return self.decode_tokens(self.sample_tokens(cond, **sampling))
-
     def parameter_groups(self) -> dict[str, list[str]]:
         """Groups of `self.named_parameters()` names (the VAR transformer's); matches peft-wrapped names too.
         'norms' are the AdaLN projections (VAR's layer norms have no weights)."""
-        rules = {
+        rules = {  # group -> regex over this family's parameter names
             "text_embedding": r"^var\.class_emb\.",
             "word_embed": r"^var\.word_embed\.",
             "positions": r"^var\.(pos_start|pos_1LC|lvl_embed\.)",
@@ -791,54 +630,11 @@ class VARStudent(ARStudent):
             "norms": r"(ada_lin|ada_gss)",
             "output": r"^var\.head\.",
         }
-        groups: dict[str, list[str]] = {k: [] for k in rules}
-        groups["cross_attn"] = []  # the class conditions through AdaLN and the first scale: no cross-attention
-        for layer in range(len(self.var.blocks)):
-            groups[f"layer.{layer}"] = []
-        for full, _ in self.named_parameters():
-            if not full.startswith("var."):
-                continue
-            for group, pattern in rules.items():
-                if re.search(pattern, full):
-                    groups[group].append(full)
-            if m := re.match(r"var\.blocks\.(\d+)\.", full):
-                groups[f"layer.{m.group(1)}"].append(full)
-        return groups
+        # no cross-attention: the class conditions through AdaLN and the first scale
+        return self.group_parameters(rules, layer=r"^var\.blocks\.(\d+)\.", skip=r"^(?!var\.)")
 
     def lora_target_modules(self) -> list[str]:
         return ["mat_qkv", "proj", "fc1", "fc2"]
 
     def enable_gradient_checkpointing(self) -> None:
         self.var.gradient_checkpointing = True
-
-
-# -----------------------------------------------------------------------------
-# Tiny replica
-
-
-def build_tiny(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64) -> dict:
-    """A randomly initialised VAR at `tiny` size, saved the way the releases are: var_tiny.pth and vae_tiny.pth
-    (plain state dicts) plus a tokenizer/ folder whose classes are the corpus's distinct words. Same seed, same
-    files. At 64² the tiny scales are (1, 2, 3, 4); other sizes (multiples of 32) use 1..image_size/16.
-    Returns the student params entries (kwargs of `VARStudent.from_paths`)."""
-    words = sorted({w for line in corpus for w in line.lower().split()})
-    if not words:
-        raise ValueError("build_tiny needs a non-empty corpus to name the classes")
-    vq_config = VQ_SIZES["tiny"]
-    if image_size % (2 * vq_config.downsample):
-        raise ValueError(f"image_size {image_size} is not a multiple of {2 * vq_config.downsample}")
-    config = VAR_SIZES["tiny"]
-    last = image_size // vq_config.downsample
-    patch_nums = config.patch_nums if last == config.patch_nums[-1] else tuple(range(1, last + 1))
-    config = replace(config, num_classes=len(words), patch_nums=patch_nums)
-    tokenizer = class_tokenizer(words)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        var, vae = VAR(config, vq_config.z_channels, vq_config.vocab_size), VQVAE(vq_config, patch_nums)
-    out = Path(out_dir)
-    with atomic_dir(out) as tmp:
-        torch.save(var.state_dict(), tmp / "var_tiny.pth")
-        torch.save(vae.state_dict(), tmp / "vae_tiny.pth")
-        tokenizer.save_pretrained(tmp / "tokenizer")
-    return {"checkpoint": out / "var_tiny.pth", "vq_checkpoint": out / "vae_tiny.pth", "tokenizer": out / "tokenizer",
-            "size": "tiny", "vq_size": "tiny", "image_size": image_size, "patch_nums": list(patch_nums)}

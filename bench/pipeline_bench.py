@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "bin", "tasks", "proxytune", "ar_models", "flows", "models/world"]
+COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "bin", "tasks", "proxytune", "ar_models", "testbed", "flows", "models/world"]
 
 
 def fresh_project() -> Path:

@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ar_models.base import PromptBatch  # noqa: E402
-from ar_models.llamagen import GPT, GPT_SIZES, LlamaGenStudent, VQConfig, VQModel, sample_logits  # noqa: E402
+from ar_models.llamagen import GPT, GPT_SIZES, LlamaGenStudent, VQConfig, VQModel  # noqa: E402
+from ar_models.sampling import sample_logits  # noqa: E402
 
 SAMPLING = {"cfg_scale": 7.5, "temperature": 1.0, "top_k": 1000, "top_p": 1.0}  # LlamaGen's t2i sampling defaults
 UNCACHED_POINTS = (0, 64, 128, 192, 255)  # image tokens already generated when the timed forward runs

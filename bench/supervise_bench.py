@@ -27,7 +27,7 @@ def prepare(work: Path) -> None:
     from PIL import Image
 
     from proxytune.prompts import corpus_words
-    from proxytune.tiny import build_tiny_pipeline
+    from testbed.tiny_supervisors import build_tiny_pipeline
 
     for family in FAMILIES:
         build_tiny_pipeline(family, work / family, corpus_words(), seed=0, image_size=RESOLUTION)

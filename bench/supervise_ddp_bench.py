@@ -101,7 +101,7 @@ def bench_recipes() -> dict:
     from PIL import Image
 
     from proxytune.prompts import corpus_words
-    from proxytune.tiny import build_tiny_pipeline
+    from testbed.tiny_supervisors import build_tiny_pipeline
 
     root = Path(tempfile.mkdtemp(prefix="proxytune-recipe-ddp-"))
     os.environ["PROXYTUNE_CACHE"] = str(root / "cache")

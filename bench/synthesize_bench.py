@@ -59,7 +59,7 @@ def worker(model: str, batch_size: int) -> dict:
 
 def bench_batching() -> dict:
     from proxytune.prompts import corpus_words
-    from proxytune.tiny import build_tiny_supervisor
+    from testbed.tiny_supervisors import build_tiny_supervisor
 
     tmp = Path(tempfile.mkdtemp(prefix="proxytune-synth-bench-"))
     model = build_tiny_supervisor(tmp / "supervisor", corpus_words(), seed=0, image_size=RESOLUTION)

@@ -23,10 +23,11 @@ STEPS, BATCH, IMAGE = 3, 2, 256
 
 
 def build_student(folder: Path):
-    from ar_models.llamagen import GPT, GPT_SIZES, VQ_SIZES, LlamaGenStudent, VQModel, build_tiny
+    from ar_models.llamagen import GPT, GPT_SIZES, VQ_SIZES, LlamaGenStudent, VQModel
     from proxytune.prompts import corpus_words
+    from testbed.tiny_students import build_tiny_llamagen
 
-    paths = build_tiny(folder / "tiny", corpus_words(), image_size=64)  # borrow its tiny T5 + tokenizer
+    paths = build_tiny_llamagen(folder / "tiny", corpus_words(), image_size=64)  # borrow its tiny T5 + tokenizer
     from transformers import AutoTokenizer, T5EncoderModel
 
     encoder = T5EncoderModel.from_pretrained(paths["text_encoder"])

@@ -14,6 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.states import Failed
 
+from ar_models import ModelConfigError
 from proxytune import tracking
 from proxytune.cache import outputs_current, path_arguments, stage_key, stage_paths, stage_spec, write_stamp
 from proxytune.params import ProxytuneError, get, load_params
@@ -70,7 +71,7 @@ def stage_task(stage: str, run: RunFn):
             key = stage_key(stage, params, where)
             with tracking.stage_run(stage, params, stage_params(stage, params)) as log:
                 outputs = run(params, log, where)
-        except ProxytuneError as e:
+        except (ProxytuneError, ModelConfigError) as e:
             # Bad input, not a bug: one clear line instead of a traceback.
             get_run_logger().error(str(e))
             return Failed(message=str(e))

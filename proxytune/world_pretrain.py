@@ -307,18 +307,19 @@ def _init_codebook(vq, data: WorldData, generator: torch.Generator, batch_size: 
 def pretrain_llamagen(dataset, out_dir, steps: int, vq_steps: int, seed: int = 0, batch_size: int = 32,
                       lr: float = 1e-3, vq_lr: float = 1e-3, cond_dropout: float = 0.1,
                       autocast: bool = False, size: str = "tiny", vq_size: str = "tiny") -> list[dict]:
-    """The tiny LlamaGen of `ar_models.llamagen.build_tiny`: the VQ first trains as an autoencoder for `vq_steps`
+    """The tiny LlamaGen of `testbed.tiny_students.build_tiny_llamagen`: the VQ first trains as an autoencoder for `vq_steps`
     (0 keeps its random weights), then the GPT learns the world's (caption, codes) pairs with `student.loss`
     (caption dropout 10%, so classifier-free guidance works). Writes t2i.pt / vq.pt ({"model": state_dict}) and
     the text_encoder/ folder: the T5 stays at its seeded random init (frozen in the pipeline too), its word-level
     tokenizer trained on the project's prompts plus the captions. History ends with a "vq/codes_used" row."""
     from ar_models import llamagen
+    from testbed.tiny_students import build_tiny_llamagen
 
     _check_steps(steps=steps, vq_steps=vq_steps)
     data = load_world(dataset)
     history: list[dict] = []
     with atomic_dir(out_dir) as tmp, torch.random.fork_rng(devices=[]):
-        paths = llamagen.build_tiny(tmp / ".init", _corpus(data), seed=seed, image_size=data.size, size=size,
+        paths = build_tiny_llamagen(tmp / ".init", _corpus(data), seed=seed, image_size=data.size, size=size,
                                     vq_size=vq_size)
         student = llamagen.LlamaGenStudent.from_paths(**paths, image_size=data.size, size=size, vq_size=vq_size)
         torch.manual_seed(seed)
@@ -369,13 +370,13 @@ def _vae_loss(vae, x: torch.Tensor, generator: torch.Generator, kl_weight: float
 def pretrain_supervisor(dataset, out_dir, steps: int, vae_steps: int, seed: int = 0, batch_size: int = 32,
                         lr: float = 1e-3, vae_lr: float = 1e-3, cond_dropout: float = 0.1,
                         autocast: bool = False) -> list[dict]:
-    """The tiny SD1.5-family pipeline of `proxytune.tiny.build_tiny_supervisor`: the VAE first trains as a KL
+    """The tiny SD1.5-family pipeline of `testbed.tiny_supervisors.build_tiny_supervisor`: the VAE first trains as a KL
     autoencoder for `vae_steps` (0 keeps it random), its `scaling_factor` is then set so the world's latents have
     unit variance (as SD's 0.18215 was chosen), and the UNet learns epsilon-prediction on those latents with the
     captions through the frozen CLIP text encoder (caption dropout 10% for guidance). Saved with save_pretrained."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from proxytune.tiny import build_tiny_supervisor
+    from testbed.tiny_supervisors import build_tiny_supervisor
 
     _check_steps(steps=steps, vae_steps=vae_steps)
     data = load_world(dataset)

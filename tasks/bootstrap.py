@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ar_models import infinity, janus_pro, llamagen, lumina_mgpt, var
 from proxytune import metrics
 from proxytune.demo import write_demo_subject
 from proxytune.io import atomic_dir
 from proxytune.params import get
 from proxytune.prompts import corpus_words
 from proxytune.stage import stage_task
-from proxytune.tiny import build_tiny_supervisor
+from testbed.tiny_students import (
+    build_tiny_infinity,
+    build_tiny_janus_pro,
+    build_tiny_llamagen,
+    build_tiny_lumina_mgpt,
+    build_tiny_var,
+)
+from testbed.tiny_supervisors import build_tiny_supervisor
 
 
 def run(params: dict, log, paths: dict[str, Path]) -> dict:
@@ -27,11 +33,11 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     corpus = corpus_words()
     with atomic_dir(paths["models"]) as tmp:
         build_tiny_supervisor(tmp / "supervisor", corpus, seed=seed, image_size=size)
-        llamagen.build_tiny(tmp / "llamagen", corpus, seed=seed, image_size=size)
-        lumina_mgpt.build_tiny(tmp / "lumina_mgpt", corpus, seed=seed, image_size=size)
-        janus_pro.build_tiny(tmp / "janus_pro", corpus, seed=seed, image_size=size)
-        infinity.build_tiny(tmp / "infinity", corpus, seed=seed, image_size=size)
-        var.build_tiny(tmp / "var", corpus, seed=seed, image_size=size)
+        build_tiny_llamagen(tmp / "llamagen", corpus, seed=seed, image_size=size)
+        build_tiny_lumina_mgpt(tmp / "lumina_mgpt", corpus, seed=seed, image_size=size)
+        build_tiny_janus_pro(tmp / "janus_pro", corpus, seed=seed, image_size=size)
+        build_tiny_infinity(tmp / "infinity", corpus, seed=seed, image_size=size)
+        build_tiny_var(tmp / "var", corpus, seed=seed, image_size=size)
         metrics.build_tiny_evaluators(tmp / "evaluators", seed=seed, image_size=size)
     write_demo_subject(paths["demo_subject"], seed=seed)
     return {"models": str(paths["models"]), "demo_subject": str(paths["demo_subject"])}

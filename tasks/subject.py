@@ -30,7 +30,7 @@ from proxytune.params import ProxytuneError
 from tasks.evaluate import CACHE_STATS_FILE, TABLE_FILE
 
 RUNS = Path("runs")
-CODE = ["dvc.yaml", "tasks", "proxytune", "ar_models", "flows", "models"]  # what every subject's results depend on
+CODE = ["dvc.yaml", "tasks", "proxytune", "ar_models", "testbed", "flows", "models"]  # what every subject's results depend on
 STAGES = ["prepare", "supervise", "synthesize", "distill", "evaluate"]  # bootstrap runs once, in the project
 STAMP = ".proxytune/benchmark.json"
 

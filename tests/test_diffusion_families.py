@@ -14,8 +14,8 @@ from proxytune.diffusion import load_pipeline, pipeline_index, sample
 from proxytune.dreambooth import KOHYA_FILE, LORA_FILE, DreamBoothConfig, DreamBoothLoRA, pivotal_token_names
 from proxytune.params import ProxytuneError
 from proxytune.prompts import corpus_words
-from proxytune.tiny import FAMILIES, build_tiny_pipeline
 from proxytune.training import Checkpointer, train
+from testbed.tiny_supervisors import FAMILIES, build_tiny_pipeline
 
 PROMPT = "a photo of sks toy"
 PIPELINES = {"sd": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",

@@ -17,7 +17,7 @@ import yaml
 from conftest import FAST, REPO
 
 BIN = Path(sys.executable).parent
-TRACKED = ["params.yaml", "dvc.yaml", ".dvcignore", "bin", "tasks", "proxytune", "ar_models", "flows", "models/world"]
+TRACKED = ["params.yaml", "dvc.yaml", ".dvcignore", "bin", "tasks", "proxytune", "ar_models", "testbed", "flows", "models/world"]
 
 
 def clone_project(dest: Path) -> Path:

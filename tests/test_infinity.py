@@ -14,13 +14,13 @@ from ar_models.infinity import (
     VAE_SIZES,
     Infinity,
     InfinityStudent,
-    build_tiny,
     load_infinity_checkpoint,
     load_vae_checkpoint,
     sample_bits,
     scale_schedule,
 )
 from proxytune.tuning import TuneConfig, TuningData, build_recipe
+from testbed.tiny_students import build_tiny_infinity
 
 CORPUS = ["a photo of a dog", "a red cube on a table", "a cat sleeping in the snow", "a sks toy on the beach"]
 PROMPTS = ["a photo of a dog", "a red cube on a table"]
@@ -29,7 +29,7 @@ SCHEDULE = (1, 2, 4)  # 64 px at stride 16: 1 + 4 + 16 = 21 positions
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny"), CORPUS, seed=0, image_size=64)
+    return build_tiny_infinity(tmp_path_factory.mktemp("tiny"), CORPUS, seed=0, image_size=64)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import torch
 from conftest import assert_one_line
 from safetensors.torch import load_file, save_file
 
-from ar_models import load_student
+from ar_models import ModelConfigError, load_student
 from ar_models.base import insert_prefix
-from ar_models.janus_pro import SIZES, JanusProStudent, build_tiny, l2_codes
-from proxytune.params import ProxytuneError
+from ar_models.janus_pro import SIZES, JanusProStudent, l2_codes
+from testbed.tiny_students import build_tiny_janus_pro
 
 CORPUS = ["a photo of a dog", "a red cube on a table", "a cat sleeping in the snow", "a sks dog on the beach"]
 PROMPTS = ["a dog", "a red cube on a table"]  # different lengths: the batch is left-padded
@@ -19,7 +19,7 @@ SIZE = 32  # 4x4 code grid
 
 @pytest.fixture(scope="module")
 def entries(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("janus") / "tiny", CORPUS, seed=0, image_size=SIZE)
+    return build_tiny_janus_pro(tmp_path_factory.mktemp("janus") / "tiny", CORPUS, seed=0, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def student(entries):
 
 @pytest.fixture
 def codes():
-    return torch.randint(0, SIZES["tiny"].codebook_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    return torch.randint(0, SIZES["tiny"].vq.codebook_size, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def test_build_tiny_writes_published_layout(entries, tmp_path):
@@ -46,7 +46,7 @@ def test_build_tiny_writes_published_layout(entries, tmp_path):
     assert sd["model.generation_head.vision_head.weight"].shape == (256, 64)
     assert sd["model.generation_aligner.fc1.weight"].shape == (64, 8)
 
-    again, other = build_tiny(tmp_path / "a", CORPUS, seed=0), build_tiny(tmp_path / "b", CORPUS, seed=1)
+    again, other = build_tiny_janus_pro(tmp_path / "a", CORPUS, seed=0), build_tiny_janus_pro(tmp_path / "b", CORPUS, seed=1)
     for name in ["model.safetensors", "tokenizer.json", "config.json"]:
         assert (again["checkpoint"] / name).read_bytes() == (folder / name).read_bytes(), name
     assert (other["checkpoint"] / "model.safetensors").read_bytes() != (folder / "model.safetensors").read_bytes()
@@ -57,7 +57,7 @@ def test_loader_round_trip_matches_the_model_that_wrote_it(entries, student, cod
 
     processor = JanusProcessor.from_pretrained(entries["checkpoint"])
     with torch.random.fork_rng():
-        torch.manual_seed(0)  # build_tiny's seed
+        torch.manual_seed(0)  # build_tiny_janus_pro's seed
         written = JanusForConditionalGeneration(SIZES["tiny"].config(processor.tokenizer, SIZE)).eval()
     reference = JanusProStudent(written, processor, SIZE)
     cond = student.encode_prompts(PROMPTS)
@@ -87,17 +87,17 @@ def test_loader_rejects_bad_checkpoints(problem, key, entries, tmp_path):
 
 
 def test_params_errors_name_the_parameter(entries, tmp_path):
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         load_student({"family": "janus_pro", **entries, "checkpoint": str(tmp_path / "nope")})
     assert_one_line(err, "student.checkpoint", "nope")
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         load_student({"family": "janus_pro", "checkpoint": entries["checkpoint"], "image_size": SIZE})
     assert_one_line(err, "student.size")
-    with pytest.raises(ProxytuneError, match=r"'huge'.*tiny, 1B, 7B") as err:
+    with pytest.raises(ModelConfigError, match=r"'huge'.*tiny, 1B, 7B") as err:
         load_student({"family": "janus_pro", **entries, "size": "huge"})
-    with pytest.raises(ProxytuneError, match=r"size '1B' \(hidden_size 64 != 2048") as err:
+    with pytest.raises(ModelConfigError, match=r"size '1B' \(hidden_size 64 != 2048") as err:
         load_student({"family": "janus_pro", **entries, "size": "1B"})
-    with pytest.raises(ProxytuneError, match=r"image_size 64.*32px") as err:
+    with pytest.raises(ModelConfigError, match=r"image_size 64.*32px") as err:
         load_student({"family": "janus_pro", **entries, "image_size": 64})
 
 

@@ -14,12 +14,12 @@ from ar_models.llamagen import (
     LlamaGenStudent,
     VectorQuantizer,
     VQModel,
-    build_tiny,
     load_gpt_checkpoint,
     load_vq_checkpoint,
     precompute_rope_2d,
-    sample_logits,
 )
+from ar_models.sampling import sample_logits
+from testbed.tiny_students import build_tiny_llamagen
 
 CORPUS = ["a photo of a dog", "a red cube on a table", "a cat sleeping in the snow", "a sks dog on the beach"]
 PROMPTS = ["a photo of a dog", "a red cube on a table"]
@@ -28,7 +28,7 @@ SIZE = 32  # 4x4 code grid: keeps the 2-core sampling tests fast; the layout doe
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny"), CORPUS, seed=0, image_size=SIZE)
+    return build_tiny_llamagen(tmp_path_factory.mktemp("tiny"), CORPUS, seed=0, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_build_tiny_writes_official_layout(paths):
 
 
 def test_build_tiny_is_deterministic_per_seed(paths, tmp_path):
-    again = _state(build_tiny(tmp_path / "a", CORPUS, seed=0)["checkpoint"])
-    other = _state(build_tiny(tmp_path / "b", CORPUS, seed=1)["checkpoint"])
+    again = _state(build_tiny_llamagen(tmp_path / "a", CORPUS, seed=0)["checkpoint"])
+    other = _state(build_tiny_llamagen(tmp_path / "b", CORPUS, seed=1)["checkpoint"])
     first = _state(paths["checkpoint"])
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["output.weight"], other["output.weight"])

@@ -7,9 +7,8 @@ import yaml
 from conftest import assert_one_line
 from safetensors.torch import load_file, save_file
 
-from ar_models import load_student
+from ar_models import ModelConfigError, load_student
 from ar_models.base import insert_prefix
-from ar_models.llamagen import sample_logits
 from ar_models.lumina_mgpt import (
     DECODER_SIZES,
     END_OF_LINE,
@@ -19,13 +18,12 @@ from ar_models.lumina_mgpt import (
     VQ_SIZES,
     LuminaMGPTStudent,
     VectorQuantizer,
-    build_tiny,
     load_vqgan,
     read_vq_config,
     size_token,
-    tiny_components,
 )
-from proxytune.params import ProxytuneError
+from ar_models.sampling import sample_logits
+from testbed.tiny_students import build_tiny_lumina_mgpt, tiny_lumina_mgpt_components
 
 CORPUS = ["a photo of a dog", "a red cube on a table", "a cat sleeping in the snow", "a sks dog on the beach"]
 PROMPTS = ["a photo of a dog", "a red cube on a table"]
@@ -35,7 +33,7 @@ PROMPT_SLOTS = 32
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny"), CORPUS, seed=0, image_size=SIZE)
+    return build_tiny_lumina_mgpt(tmp_path_factory.mktemp("tiny"), CORPUS, seed=0, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +79,7 @@ def test_build_tiny_writes_released_layout(paths):
 
 
 def test_build_tiny_is_deterministic_per_seed(paths, tmp_path):
-    again, other = build_tiny(tmp_path / "a", CORPUS, seed=0, image_size=SIZE), build_tiny(tmp_path / "b", CORPUS, seed=1)
+    again, other = build_tiny_lumina_mgpt(tmp_path / "a", CORPUS, seed=0, image_size=SIZE), build_tiny_lumina_mgpt(tmp_path / "b", CORPUS, seed=1)
     first = load_file(paths["checkpoint"] / "model.safetensors")
     second = load_file(again["checkpoint"] / "model.safetensors")
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -106,7 +104,7 @@ def test_released_sizes_match_transformers_chameleon_defaults():
 
 
 def test_loaded_replica_equals_the_model_that_wrote_it(student, codes):
-    decoder, vq, tokenizer = tiny_components(CORPUS, seed=0, image_size=SIZE)
+    decoder, vq, tokenizer = tiny_lumina_mgpt_components(CORPUS, seed=0, image_size=SIZE)
     memory = LuminaMGPTStudent(decoder, vq, tokenizer, SIZE, max_prompt_tokens=PROMPT_SLOTS)
     with torch.no_grad():
         cond = student.encode_prompts(PROMPTS)
@@ -210,10 +208,10 @@ def test_load_student_from_params(paths):
     assert half.decoder.dtype == torch.bfloat16 and half.vq.encoder.conv_in.weight.dtype == torch.float32
     with torch.no_grad():
         assert torch.isfinite(half.logits(half.encode_prompts(PROMPTS), torch.zeros(2, 16, dtype=torch.long))).all()
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         load_student({**params, "vq_config": "nope/vqgan.yaml"})
     assert_one_line(err, "student.vq_config", "nope/vqgan.yaml")
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         load_student({k: v for k, v in params.items() if k != "vq_checkpoint"})
     assert_one_line(err, "student.vq_checkpoint")
 
@@ -330,7 +328,7 @@ def test_parameter_groups_and_lora_targets(student, codes):
         f"decoder.model.layers.0.self_attn.{p}_proj" for p in "qkv"]
 
     cond = student.encode_prompts(PROMPTS)
-    decoder, vq, tokenizer = tiny_components(CORPUS, seed=0, image_size=SIZE)
+    decoder, vq, tokenizer = tiny_lumina_mgpt_components(CORPUS, seed=0, image_size=SIZE)
     copy = LuminaMGPTStudent(decoder, vq, tokenizer, SIZE, max_prompt_tokens=PROMPT_SLOTS)
     with torch.no_grad():
         before = copy.logits(cond, codes)

@@ -190,31 +190,31 @@ def test_choice():
 
 
 def test_load_student_errors_name_the_parameter(project):
-    from ar_models import load_student
+    from ar_models import ModelConfigError, load_student
 
     student = load_params(project / "params.yaml")["student"]
     assert load_student(copy.deepcopy(student)) is not None  # the default loads
 
     bad = copy.deepcopy(student)
     bad["family"] = "nosuchfamily"
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         load_student(bad)
     assert_one_line(err, "student.family", "nosuchfamily")
 
     bad = copy.deepcopy(student)
     bad["checkpoint"] = str(project / "models/tiny/llamagen/missing.pt")
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         load_student(bad)
     assert_one_line(err, "student.checkpoint", "missing.pt")
 
     bad = copy.deepcopy(student)
     bad["checkpoint"] = str(project / "models/tiny/llamagen")  # a folder, not a weights file
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         load_student(bad)
     assert_one_line(err, "student.checkpoint")
 
     bad = copy.deepcopy(student)
     bad["vq_checkpoint"] = str(project / "models/tiny/llamagen/missing_vq.pt")
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         load_student(bad)
     assert_one_line(err, "student.vq_checkpoint")

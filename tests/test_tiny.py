@@ -10,7 +10,7 @@ SNIPPET = """
 import json, sys
 sys.path.insert(0, {repo!r})
 from proxytune.prompts import corpus_words
-from proxytune.tiny import train_clip_tokenizer
+from testbed.tiny_supervisors import train_clip_tokenizer
 t = train_clip_tokenizer(corpus_words())
 print(json.dumps([t.get_vocab(), t("a sks toy on the beach").input_ids], sort_keys=True))
 """

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_one_line
 
+from ar_models import ModelConfigError
 from ar_models.base import PromptBatch, insert_prefix
-from ar_models.llamagen import sample_logits
+from ar_models.sampling import sample_logits
 from ar_models.var import (
     VAR,
     VAR_SIZES,
@@ -16,12 +17,11 @@ from ar_models.var import (
     VQVAE,
     VARConfig,
     VARStudent,
-    build_tiny,
     load_vae_checkpoint,
     load_var_checkpoint,
 )
-from proxytune.params import ProxytuneError
 from proxytune.tuning import TuneConfig, TuningData, build_recipe
+from testbed.tiny_students import build_tiny_var
 
 CORPUS = ["a photo of a dog", "a red cube on a table", "a cat sleeping in the snow", "a toy on the beach"]
 PROMPTS = ["a photo of a dog", "a red cube on a table"]
@@ -31,7 +31,7 @@ N = 30
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("var"), CORPUS, seed=0, image_size=SIZE)
+    return build_tiny_var(tmp_path_factory.mktemp("var"), CORPUS, seed=0, image_size=SIZE)
 
 
 def fresh(paths) -> VARStudent:
@@ -85,8 +85,8 @@ def test_build_tiny_writes_official_layout(paths):
 
 def test_build_tiny_is_deterministic_per_seed(paths, tmp_path):
     first = _sd(paths["checkpoint"])
-    again = _sd(build_tiny(tmp_path / "a", CORPUS, seed=0)["checkpoint"])
-    other = _sd(build_tiny(tmp_path / "b", CORPUS, seed=1)["checkpoint"])
+    again = _sd(build_tiny_var(tmp_path / "a", CORPUS, seed=0)["checkpoint"])
+    other = _sd(build_tiny_var(tmp_path / "b", CORPUS, seed=1)["checkpoint"])
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not torch.equal(first["head.weight"], other["head.weight"])
 
@@ -159,7 +159,7 @@ def test_params_errors_are_one_line(paths, monkeypatch):
     assert_one_line(err, "student.checkpoint", "nope.pth")
     monkeypatch.setitem(ar_models.FAMILIES, "var", ("ar_models.var", "VARStudent"))  # as the registry names it
     assert isinstance(ar_models.load_student({**params, "patch_nums": [1, 2, 3, 4]}), VARStudent)
-    with pytest.raises(ProxytuneError) as err:
+    with pytest.raises(ModelConfigError) as err:
         ar_models.load_student({**params, "tokenizer": "missing_folder"})
     assert_one_line(err, "student.tokenizer", "missing_folder")
 

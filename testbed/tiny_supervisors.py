@@ -1,4 +1,4 @@
-"""Tiny random-init stand-ins for the real models, saved in the real on-disk formats.
+"""Tiny random-init stand-ins for the diffusion supervisors, saved in the real on-disk formats.
 
 They let the whole pipeline run offline on a CPU through the same loaders real checkpoints use: each
 supervisor is a genuine diffusers pipeline folder (the same classes and state-dict key names as SD1.5/SD2,
