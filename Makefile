@@ -36,7 +36,7 @@ lock:
 
 demo: $(VENV)/.runtime-$(DEPS_HASH)
 	$(BIN)/dvc repro
-	$(PY) -m proxytune.summary
+	$(PY) -m orchestration.summary
 
 test: $(VENV)/.dev-$(DEPS_HASH)
 	$(PY) -m pytest -q
@@ -47,7 +47,7 @@ bench: $(VENV)/.dev-$(DEPS_HASH)
 
 # Re-create the shipped world-pretrained models (models/world) from seed 0: about 45 min on a 2-core CPU.
 world: $(VENV)/.runtime-$(DEPS_HASH)
-	$(PY) -m proxytune.world_pretrain --out models/world
+	$(PY) -m testbed.world_pretrain --out models/world
 
 prefect-server: $(VENV)/.runtime-$(DEPS_HASH)
 	$(BIN)/prefect server start

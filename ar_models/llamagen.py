@@ -44,7 +44,7 @@ class GPTConfig:
 
 GPT_SIZES: dict[str, GPTConfig] = {
     "tiny": GPTConfig(dim=64, n_layer=2, n_head=4, vocab_size=512, caption_dim=32, cls_token_num=16),
-    # Pretrained on the miniature world (proxytune.world_pretrain): room for its longest captions.
+    # Pretrained on the miniature world (testbed.world_pretrain): room for its longest captions.
     "world": GPTConfig(dim=128, n_layer=4, n_head=4, vocab_size=512, caption_dim=32, cls_token_num=24),
     "B": GPTConfig(dim=768, n_layer=12, n_head=12),  # 111M
     "L": GPTConfig(dim=1024, n_layer=24, n_head=16),  # 343M
@@ -280,7 +280,7 @@ class VQConfig:
 
 VQ_SIZES: dict[str, VQConfig] = {
     "tiny": VQConfig(codebook_size=512, ch=32, ch_mult=(1, 2, 2, 4), z_channels=32),
-    # The miniature world's tokenizer (proxytune.world): 4x downsampling, so a 32 px image is 8x8 codes.
+    # The miniature world's tokenizer (testbed.world): 4x downsampling, so a 32 px image is 8x8 codes.
     "world": VQConfig(codebook_size=512, ch=32, ch_mult=(1, 2, 2), z_channels=32, num_res_blocks=1),
     "VQ-8": VQConfig(ch_mult=(1, 2, 2, 4)),
     "VQ-16": VQConfig(ch_mult=(1, 1, 2, 2, 4)),

@@ -1,4 +1,4 @@
-"""The papers' claims in the miniature world (issue 8): every arm of `proxytune.claims` on 3 world subjects x
+"""The papers' claims in the miniature world: every arm of `testbed.claims` on 3 world subjects x
 3 seeds with the project's params.yaml settings and the shipped world-pretrained models (models/world), then
 the table (a)-(d) as mean ± spread over seeds. Prints it and writes bench/results/claims.{md,csv}.
 
@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from proxytune import claims
+from flows import claims as claims_runner
 from proxytune.io import atomic_write_text
 from proxytune.params import load_params
+from testbed import claims
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> str:
     work = Path(tempfile.mkdtemp(prefix="proxytune-claims-"))
     os.environ.setdefault("PROXYTUNE_CACHE", str(work / "cache"))
     start = time.perf_counter()
-    rows = claims.run(load_params(REPO / "params.yaml"), config, work)
+    rows = claims_runner.run(load_params(REPO / "params.yaml"), config, work)
     minutes = (time.perf_counter() - start) / 60
     text = (f"World subjects {list(config.subjects)}, seeds {list(config.seeds)}; mean ± spread (std over seeds "
             f"of the mean over subjects); {minutes:.0f} min.\n\n{claims.markdown(rows)}\n\n{CLAIMS}\n")

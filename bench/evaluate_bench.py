@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from proxytune.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, build_tiny_evaluators, prompt_scores
+from proxytune.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, prompt_scores
+from testbed.tiny_evaluators import build_tiny_evaluators
 
 N_IMAGES, N_REFS, BATCH = 96, 5, 32
 

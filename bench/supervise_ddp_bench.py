@@ -131,7 +131,7 @@ def bench_recipes() -> dict:
 def bench_stage() -> dict:
     import yaml
 
-    from proxytune.cache import checkpoint_dir, stage_paths
+    from orchestration.cache import checkpoint_dir, stage_paths
     from proxytune.params import load_params
     from tasks import bootstrap, prepare, supervise
 

@@ -83,7 +83,7 @@ def bench_processes() -> dict:
     """The stage's own rendering, 1 process vs 2 (accelerate, gloo on CPU); identical results required."""
     import yaml
 
-    from proxytune.cache import stage_paths
+    from orchestration.cache import stage_paths
     from proxytune.params import load_params
     from tasks import bootstrap, prepare, supervise, synthesize
 

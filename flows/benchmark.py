@@ -1,6 +1,6 @@
 """The DreamBench benchmark: the pipeline for many subjects, one mapped (and separately cached) task each.
 
-Wiring only (logic: `tasks/subject.py`, `proxytune/dreambench.py`). `bootstrap` runs once in the project;
+Wiring only (logic: `orchestration/benchmark.py`, `proxytune/dreambench.py`). `bootstrap` runs once in the project;
 then every subject runs in `runs/<name>/`; a failed subject is reported and left out while the others are
 aggregated into `outputs/benchmark/` and one MLflow run.
 
@@ -16,12 +16,12 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from orchestration.benchmark import aggregate, is_current, run_subject, subject_params
+from orchestration.stage import is_current as stage_is_current
+from orchestration.stage import resolve_paths
 from proxytune.dreambench import load_dreambench
 from proxytune.params import ProxytuneError, load_params
-from proxytune.stage import is_current as stage_is_current
-from proxytune.stage import resolve_paths
 from tasks.bootstrap import bootstrap_task
-from tasks.subject import aggregate, is_current, run_subject, subject_params
 
 OUT = "outputs/benchmark"
 

@@ -11,9 +11,9 @@ import sys
 COMMANDS = {
     "run": ("flows.pipeline", "run the pipeline, or single stages with --stage NAME"),
     "benchmark": ("flows.benchmark", "run many DreamBench subjects and aggregate one table"),
-    "compare": ("proxytune.compare", "tabulate MLflow runs side by side (CSV, markdown, chart)"),
-    "presets": ("proxytune.presets", "list presets, or apply them to params.yaml"),
-    "summary": ("proxytune.summary", "print where the last run's outputs are and its headline metrics"),
+    "compare": ("orchestration.compare", "tabulate MLflow runs side by side (CSV, markdown, chart)"),
+    "presets": ("orchestration.presets", "list presets, or apply them to params.yaml"),
+    "summary": ("orchestration.summary", "print where the last run's outputs are and its headline metrics"),
     "serve": ("flows.serve", "register the Prefect deployments and serve them"),
 }
 

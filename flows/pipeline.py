@@ -1,6 +1,6 @@
 """The proxytune flow: bootstrap -> prepare -> supervise -> synthesize -> distill -> evaluate.
 
-Wiring only. Each stage is a cached Prefect task (see `proxytune.stage`); `dvc repro` calls this module
+Wiring only. Each stage is a cached Prefect task (see `orchestration.stage`); `dvc repro` calls this module
 once per stage with `--stage NAME` and the stage's paths (`--prepared outputs/prepare --out ...`, as dvc.yaml's
 `cmd` lists them); a user can run the whole chain with no arguments, or keep its data in another folder
 with `--under DIR`.
@@ -13,9 +13,9 @@ import sys
 from prefect import flow
 from prefect.states import Failed
 
-from proxytune.cache import stage_paths
+from orchestration.cache import stage_paths
+from orchestration.stage import is_current, resolve_paths
 from proxytune.params import ProxytuneError, load_params
-from proxytune.stage import is_current, resolve_paths
 from tasks.bootstrap import bootstrap_task
 from tasks.distill import distill_task
 from tasks.evaluate import evaluate_task

@@ -1,11 +1,3 @@
-"""proxytune: DreamBooth supervisor -> proxy images -> AR student tuning -> DreamBench evaluation."""
-import os
-from pathlib import Path
+"""proxytune, the ML library: DreamBooth supervisor -> proxy images -> AR student tuning -> DreamBench evaluation.
 
-# Prefect keeps its records (ephemeral database, persisted task results) inside the project unless the
-# user points it elsewhere; set before any module imports prefect.
-os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
-# No phoning home: this runs on machines without internet.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# The temporary API server Prefect starts per process can be slow to come up on a busy 2-core machine.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+The pipeline's plumbing is `orchestration`, its stages `tasks`, its flows `flows`; the miniature world `testbed`."""

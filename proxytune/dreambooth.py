@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from proxytune.cache import cache_dir
 from proxytune.diffusion import FLOW_FAMILIES, TEXTUAL_INVERSION_FILE, family_of, load_pipeline, sample
 from proxytune.images import to_tensor
-from proxytune.io import atomic_file, sha256_json, sha256_tree
+from proxytune.io import atomic_file, cache_dir, sha256_json, sha256_tree
 from proxytune.params import ProxytuneError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

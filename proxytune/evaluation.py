@@ -7,9 +7,9 @@ from pathlib import Path
 from PIL import Image
 
 from proxytune import metrics
-from proxytune.cache import cache_dir
 from proxytune.diffusion import load_pipeline, sample
 from proxytune.images import to_pil
+from proxytune.io import cache_dir
 from proxytune.params import ProxytuneError, get, local_path, model_source
 from proxytune.tuning import load_tuned
 

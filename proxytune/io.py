@@ -1,4 +1,4 @@
-"""File helpers shared by the stages: content hashing and all-or-nothing writes."""
+"""File helpers: content hashing, all-or-nothing writes, and where the content-addressed caches live."""
 from __future__ import annotations
 
 import contextlib
@@ -97,3 +97,11 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def cache_dir(kind: str) -> Path:
+    """Project-local content-addressed caches (token codes, embeddings) that outlive stage outputs:
+    `$PROXYTUNE_CACHE`, else `.proxytune/cache` in the project."""
+    path = Path(os.environ.get("PROXYTUNE_CACHE", Path.cwd() / ".proxytune" / "cache")) / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -13,6 +13,8 @@ from typing import Sequence
 import pandas as pd
 from PIL import Image, ImageDraw
 
+TABLE_FILE = "scores.csv"  # per-prompt scores of one evaluation, what the benchmark aggregates
+CACHE_STATS_FILE = "embedding_cache.json"  # embedding-cache hits and misses of one evaluation
 METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
 HEADERS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV"}
 DELTA = "student - supervisor"

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from proxytune import metrics
-from proxytune.demo import write_demo_subject
+from orchestration.stage import stage_task
 from proxytune.io import atomic_dir
 from proxytune.params import get
 from proxytune.prompts import corpus_words
-from proxytune.stage import stage_task
+from testbed.demo import write_demo_subject
+from testbed.tiny_evaluators import build_tiny_evaluators
 from testbed.tiny_students import (
     build_tiny_infinity,
     build_tiny_janus_pro,
@@ -38,7 +38,7 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
         build_tiny_janus_pro(tmp / "janus_pro", corpus, seed=seed, image_size=size)
         build_tiny_infinity(tmp / "infinity", corpus, seed=seed, image_size=size)
         build_tiny_var(tmp / "var", corpus, seed=seed, image_size=size)
-        metrics.build_tiny_evaluators(tmp / "evaluators", seed=seed, image_size=size)
+        build_tiny_evaluators(tmp / "evaluators", seed=seed, image_size=size)
     write_demo_subject(paths["demo_subject"], seed=seed)
     return {"models": str(paths["models"]), "demo_subject": str(paths["demo_subject"])}
 

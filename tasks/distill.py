@@ -15,11 +15,11 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
 from ar_models import ARStudent, load_student
-from proxytune.cache import cache_dir, checkpoint_dir
+from orchestration.cache import checkpoint_dir
+from orchestration.stage import stage_task
 from proxytune.images import to_pil, to_tensor
-from proxytune.io import atomic_dir, atomic_file, read_jsonl, sha256_file, sha256_json
+from proxytune.io import atomic_dir, atomic_file, cache_dir, read_jsonl, sha256_file, sha256_json
 from proxytune.params import ProxytuneError, get
-from proxytune.stage import stage_task
 from proxytune.training import Checkpointer, train, write_loss_csv
 from proxytune.tuning import METHODS, TuneConfig, TuningData, build_recipe, write_card
 

@@ -14,15 +14,14 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from orchestration.stage import stage_task
 from proxytune import metrics, reports
 from proxytune.evaluation import class_prompt, load_evaluators, student_samples, supervisor_samples
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
 from proxytune.params import ProxytuneError, get
 from proxytune.prompts import EVAL_PROMPTS
-from proxytune.stage import stage_task
+from proxytune.reports import CACHE_STATS_FILE, TABLE_FILE
 
-TABLE_FILE = "scores.csv"
-CACHE_STATS_FILE = "embedding_cache.json"
 HELDOUT = [t.format("{0} {1}") for t in EVAL_PROMPTS]  # the project's held-out prompts as DreamBench templates
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from orchestration.stage import stage_task
 from proxytune.io import atomic_dir, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, local_path
 from proxytune.prompts import CAPTION, subject_phrase
-from proxytune.stage import stage_task
 
 MIN_IMAGES = 2
 

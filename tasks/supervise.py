@@ -16,12 +16,12 @@ import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
-from proxytune.cache import checkpoint_dir
+from orchestration.cache import checkpoint_dir
+from orchestration.stage import stage_task
 from proxytune.dreambooth import LORA_FILE, DreamBoothConfig, DreamBoothLoRA, ValidatingLogger
 from proxytune.io import atomic_dir, read_jsonl
 from proxytune.params import ProxytuneError, get, load_params, model_source
 from proxytune.prompts import CAPTION
-from proxytune.stage import stage_task
 from proxytune.training import Checkpointer, train, write_loss_csv
 
 # supervisor.<key> -> type; each becomes the DreamBoothConfig field of the same name when present.
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from proxytune import tracking
-    from proxytune.stage import launched_stage_args, stage_params
+    from orchestration import tracking
+    from orchestration.stage import launched_stage_args, stage_params
 
     # `accelerate launch --cpu` sets this flag, which PartialState (unlike Accelerator) leaves to its caller
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))

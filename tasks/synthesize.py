@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from proxytune.cache import checkpoint_dir
+from orchestration.cache import checkpoint_dir
+from orchestration.stage import launched_stage_args, stage_task
 from proxytune.diffusion import SCHEDULERS, load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
 from proxytune.prompts import proxy_prompts, subject_phrase
-from proxytune.stage import launched_stage_args, stage_task
 
 
 def settings(params: dict) -> dict:

@@ -58,7 +58,7 @@ def assert_one_line(err: pytest.ExceptionInfo, *names: str) -> str:
 
 def paths(root: Path, stage: str) -> dict[str, Path]:
     """`stage`'s paths inside the test folder `root`, as dvc.yaml lays them out in the project."""
-    from proxytune.cache import stage_paths
+    from orchestration.cache import stage_paths
 
     return stage_paths(stage, root)
 

@@ -12,8 +12,8 @@ from conftest import REPO, paths
 from PIL import Image
 
 from flows.benchmark import benchmark
-from proxytune import compare
-from proxytune.cache import stage_key, write_stamp
+from orchestration import compare
+from orchestration.cache import stage_key, write_stamp
 from proxytune.params import load_params
 
 SHARED = REPO.parent / "shared" / "dreambench"

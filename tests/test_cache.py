@@ -1,4 +1,4 @@
-"""`proxytune.cache` keys and stamps, and `proxytune.io.atomic_dir`."""
+"""`orchestration.cache` keys and stamps, and `proxytune.io.atomic_dir`."""
 from __future__ import annotations
 
 import copy
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import FAST, REPO, paths, write_params
 
-from proxytune import cache
-from proxytune.cache import outputs_current, stage_key, write_stamp
-from proxytune.demo import write_demo_subject
-from proxytune.io import atomic_dir
+from orchestration import cache
+from orchestration.cache import outputs_current, stage_key, write_stamp
+from proxytune.io import atomic_dir, cache_dir
 from proxytune.params import load_params
+from testbed.demo import write_demo_subject
 
 STAGES = ["bootstrap", "prepare", "supervise", "synthesize", "distill", "evaluate"]
 
@@ -281,7 +281,7 @@ def test_restamp_with_new_key(project):
 
 def test_cache_dir_honours_env(project, monkeypatch, tmp_path):
     monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "c"))
-    path = cache.cache_dir("codes")
+    path = cache_dir("codes")
     assert path == tmp_path / "c" / "codes" and path.is_dir()
 
 

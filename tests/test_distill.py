@@ -15,9 +15,8 @@ from safetensors import safe_open
 
 import ar_models
 from ar_models.llamagen import LlamaGenStudent
-from proxytune.cache import cache_dir
 from proxytune.images import to_tensor
-from proxytune.io import read_jsonl, sha256_file
+from proxytune.io import cache_dir, read_jsonl, sha256_file
 from proxytune.params import ProxytuneError, load_params
 from proxytune.tuning import load_tuned
 from tasks import distill

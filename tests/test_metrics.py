@@ -13,15 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from proxytune.metrics import (
-    TINY_CLIP_NAME,
-    ClipEmbedder,
-    DinoEmbedder,
-    EmbeddingCache,
-    build_tiny_evaluators,
-    dreambench_scores,
-    strip_identifier,
-)
+from proxytune.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, dreambench_scores, strip_identifier
+from testbed.tiny_evaluators import TINY_CLIP_NAME, build_tiny_evaluators
 
 
 def _noise(seed: int, size=(80, 96)) -> Image.Image:

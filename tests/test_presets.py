@@ -8,7 +8,7 @@ import pytest
 import yaml
 from conftest import REPO, assert_one_line, in_folder, paths
 
-from proxytune import presets
+from orchestration import presets
 from proxytune.params import ProxytuneError, load_params
 from proxytune.tuning import load_tuned
 from tasks import distill, evaluate

@@ -13,7 +13,7 @@ from conftest import assert_one_line, paths
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
-from proxytune.cache import checkpoint_dir
+from orchestration.cache import checkpoint_dir
 from proxytune.io import read_jsonl
 from proxytune.params import ProxytuneError, load_params
 from proxytune.prompts import ACCESSORIES, EVAL_PROMPTS, PROPERTIES, PROXY_BANK, RECONTEXT, proxy_prompts

@@ -7,7 +7,7 @@ import pytest
 from conftest import RecordingLogger, paths
 from safetensors.torch import load_file
 
-from proxytune.cache import checkpoint_dir
+from orchestration.cache import checkpoint_dir
 from proxytune.params import load_params
 from tasks import distill, supervise
 

@@ -12,10 +12,10 @@ import pytest
 from conftest import paths
 from PIL import Image
 
-from proxytune import world
 from proxytune.io import read_jsonl, sha256_tree
 from proxytune.prompts import EVAL_PROMPTS, PROXY_BANK
-from proxytune.world import Spec, apply_template, caption, render
+from testbed import world
+from testbed.world import Spec, apply_template, caption, render
 
 BALL = Spec("ball", "yellow", "dotted", "blue")
 
@@ -48,7 +48,7 @@ def test_render_is_a_pure_function_of_spec_and_seed(size):
 
 def test_render_does_not_depend_on_the_process():
     """Seeds are mixed with sha256, never Python's per-process salted hash()."""
-    code = ("import hashlib; from proxytune.world import Spec, render; "
+    code = ("import hashlib; from testbed.world import Spec, render; "
             "print(hashlib.sha256(render(Spec('cup', 'green', 'striped', 'white', scene='in the jungle'), 7, 32)"
             ".tobytes()).hexdigest())")
     here = hashlib.sha256(render(Spec("cup", "green", "striped", "white", scene="in the jungle"), 7, 32).tobytes())

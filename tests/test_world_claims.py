@@ -1,4 +1,4 @@
-"""Issue 8's acceptance in the miniature world: with the shipped world-pretrained models and the project's default
+"""The miniature world's acceptance: with the shipped world-pretrained models and the project's default
 settings (Sun et al.'s two stages on the subject's photos), personalisation measurably teaches the student the
 subject without costing it the prompt."""
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 from conftest import REPO
 
-from proxytune import claims
+from flows import claims as claims_runner
 from proxytune.params import load_params
+from testbed import claims
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def rows(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PROXYTUNE_CACHE", str(work / "cache"))
         config = claims.ClaimsConfig(subjects=(0,), seeds=(0, 1, 2), arms=("untuned", "two_stage"))
-        return claims.run(load_params(REPO / "params.yaml"), config, work)
+        return claims_runner.run(load_params(REPO / "params.yaml"), config, work)
 
 
 @pytest.mark.parametrize("metric", ["dino", "clip_i"])

@@ -11,9 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ar_models import load_student
-from proxytune import world, world_pretrain
-from proxytune.metrics import TINY_CLIP_NAME, ClipEmbedder, DinoEmbedder
+from proxytune.metrics import ClipEmbedder, DinoEmbedder
 from proxytune.params import ProxytuneError
+from testbed import world, world_pretrain
+from testbed.tiny_evaluators import TINY_CLIP_NAME
 
 SIZE = 32
 # Small budgets: a few seconds each on one CPU thread, enough for the fixed-batch losses to fall.

@@ -22,12 +22,13 @@ import yaml
 from prefect import task
 from prefect.cache_policies import CachePolicy
 
-from proxytune import reports, tracking
-from proxytune.cache import stage_paths
+from orchestration import tracking
+from orchestration.cache import stage_paths
+from proxytune import reports
 from proxytune.dreambench import Subject
 from proxytune.io import atomic_dir, atomic_write_text, sha256_json, sha256_tree
 from proxytune.params import ProxytuneError
-from tasks.evaluate import CACHE_STATS_FILE, TABLE_FILE
+from proxytune.reports import CACHE_STATS_FILE, TABLE_FILE
 
 RUNS = Path("runs")
 CODE = ["dvc.yaml", "tasks", "proxytune", "ar_models", "testbed", "flows", "models"]  # what every subject's results depend on

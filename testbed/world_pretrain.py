@@ -1,6 +1,6 @@
-"""Pretraining the tiny base models on the procedural world (issue 8), so their weights mean something.
+"""Pretraining the tiny base models on the procedural world, so their weights mean something.
 
-Each function reads a dataset folder written by `proxytune.world.write_dataset` (captions.jsonl + images), trains
+Each function reads a dataset folder written by `testbed.world.write_dataset` (captions.jsonl + images), trains
 one tiny model from the same seeded initialisation `bootstrap` uses, for a fixed number of steps, and writes it in
 the exact on-disk format the pipeline's loaders read (`metrics.DinoEmbedder` / `ClipEmbedder`,
 `LlamaGenStudent.from_paths`, `diffusion.load_pipeline`), atomically. Same dataset, steps and seed give the same
@@ -57,7 +57,7 @@ def load_world(dataset: str | os.PathLike) -> WorldData:
     root = Path(dataset)
     index = root / "captions.jsonl"
     if not index.is_file():
-        raise ProxytuneError(f"{index}: world dataset index not found (write it with proxytune.world.write_dataset)")
+        raise ProxytuneError(f"{index}: world dataset index not found (write it with testbed.world.write_dataset)")
     rows = read_jsonl(index)
     if not rows:
         raise ProxytuneError(f"{index}: world dataset is empty")
@@ -148,7 +148,7 @@ def _corpus(data: WorldData) -> list[str]:
 
 def pretrain_clip(dataset, out_dir, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
                   autocast: bool = False) -> list[dict]:
-    """The tiny open_clip model of `metrics.build_tiny_evaluators`, trained with CLIP's symmetric InfoNCE on
+    """The tiny open_clip model of `testbed.tiny_evaluators`, trained with CLIP's symmetric InfoNCE on
     (image, caption) pairs. Writes out_dir/<TINY_CLIP_NAME>.json and open_clip_model.safetensors, i.e.
     `ClipEmbedder(TINY_CLIP_NAME, out_dir/open_clip_model.safetensors, config_dir=out_dir)`.
 
@@ -158,11 +158,11 @@ def pretrain_clip(dataset, out_dir, steps: int, seed: int = 0, batch_size: int =
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from safetensors.torch import save_file
 
-    from proxytune.metrics import TINY_CLIP_NAME, _tiny_clip_config
+    from testbed.tiny_evaluators import TINY_CLIP_NAME, tiny_clip_config
 
     _check_steps(steps=steps)
     data = load_world(dataset)
-    config = _tiny_clip_config(data.size)
+    config = tiny_clip_config(data.size)
     history: list[dict] = []
     with atomic_dir(out_dir) as tmp, torch.random.fork_rng(devices=[]):
         config_file = tmp / f"{TINY_CLIP_NAME}.json"
@@ -200,7 +200,7 @@ def pretrain_clip(dataset, out_dir, steps: int, seed: int = 0, batch_size: int =
 
 def _attribute_labels(data: WorldData) -> dict[str, tuple[torch.Tensor, int]]:
     """Per attribute (class, colour and accent as drawn, pattern): each image's label and the number of labels."""
-    from proxytune.world import CLASSES, COLOURS, PATTERNS, Spec
+    from testbed.world import CLASSES, COLOURS, PATTERNS, Spec
 
     fields = ("class_noun", "colour", "pattern", "accent", "scene", "accessory", "property")
     specs = [Spec(**{k: r[k] for k in fields}) for r in data.rows]
@@ -216,7 +216,7 @@ def _attribute_labels(data: WorldData) -> dict[str, tuple[torch.Tensor, int]]:
 
 def pretrain_dino(dataset, out_dir, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
                   autocast: bool = False) -> list[dict]:
-    """The tiny ViT of `metrics.build_tiny_evaluators` (DINO's stand-in), trained supervised: linear heads on the
+    """The tiny ViT of `testbed.tiny_evaluators` (DINO's stand-in), trained supervised: linear heads on the
     CLS token predict the object's class, colour, accent and pattern from augmented views (crop, flip). The heads
     are discarded; what is saved is the ViTModel folder + ViTImageProcessor config `DinoEmbedder` reads.
 
@@ -232,7 +232,7 @@ def pretrain_dino(dataset, out_dir, steps: int, seed: int = 0, batch_size: int =
     labels = _attribute_labels(data)
     history: list[dict] = []
     with atomic_dir(out_dir) as tmp, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the same initialisation as build_tiny_evaluators
+        torch.manual_seed(seed)  # the same initialisation as tiny_evaluators
         config = ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=192,
                            image_size=data.size, patch_size=data.size // 4)
         model = ViTModel(config, add_pooling_layer=False)
@@ -385,7 +385,7 @@ def pretrain_supervisor(dataset, out_dir, steps: int, vae_steps: int, seed: int 
         init = build_tiny_supervisor(Path(scratch) / "init", _corpus(data), seed=seed, image_size=data.size)
         pipe = StableDiffusionPipeline.from_pretrained(init, safety_checker=None, requires_safety_checker=False)
         for part in (pipe, pipe.vae, pipe.unet):  # not the scratch folder, which differs run to run
-            part.register_to_config(_name_or_path="proxytune.world_pretrain")
+            part.register_to_config(_name_or_path="testbed.world_pretrain")
         vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
@@ -459,14 +459,14 @@ def pretrain_group(group: str, dataset, out_dir, plan: dict, seed: int = 0) -> l
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m proxytune.world_pretrain --out models/world`: write the dataset, then train the groups in
+    """`python -m testbed.world_pretrain --out models/world`: write the dataset, then train the groups in
     parallel processes; each group's loss history goes to out/history/<group>.jsonl."""
     import argparse
     import subprocess
     import sys
 
     from proxytune.io import write_jsonl
-    from proxytune.world import write_dataset
+    from testbed.world import write_dataset
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--out", default="models/world")
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset = args.dataset or write_dataset(Path(scratch) / "world", PLAN["images"], args.seed,
                                                 size=PLAN["image_size"])
         def spawn(group):
-            return subprocess.Popen([sys.executable, "-m", "proxytune.world_pretrain", "--out", str(out),
+            return subprocess.Popen([sys.executable, "-m", "testbed.world_pretrain", "--out", str(out),
                                      "--seed", str(args.seed), "--group", group, "--dataset", str(dataset)])
 
         workers = [spawn("llamagen"), spawn("supervisor")]

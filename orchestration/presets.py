@@ -1,6 +1,6 @@
 """Presets: partial params files (`presets/*.yaml`) that set a paper's configuration or a model choice.
 
-`python -m proxytune.presets list` shows them; `python -m proxytune.presets apply NAME [NAME ...]` merges them,
+`python -m orchestration.presets list` shows them; `python -m orchestration.presets apply NAME [NAME ...]` merges them,
 in order, into params.yaml (comments and layout kept, written atomically), so `dvc repro` and the Prefect
 flow pick them up like any edit. On a GPU machine only the model paths in a preset need changing.
 """

@@ -15,15 +15,15 @@ from prefect.cache_policies import CachePolicy
 from prefect.states import Failed
 
 from ar_models import ModelConfigError
-from proxytune import tracking
-from proxytune.cache import outputs_current, path_arguments, stage_key, stage_paths, stage_spec, write_stamp
+from orchestration import tracking
+from orchestration.cache import outputs_current, path_arguments, stage_key, stage_paths, stage_spec, write_stamp
 from proxytune.params import ProxytuneError, get, load_params
 
 RunFn = Callable[[dict, "tracking.StageLogger", dict[str, Path]], dict]
 
 
 class StageCache(CachePolicy):
-    """Prefect cache policy keyed on a stage's declared inputs (see `proxytune.cache`)."""
+    """Prefect cache policy keyed on a stage's declared inputs (see `orchestration.cache`)."""
 
     def __init__(self, stage: str):
         super().__init__()

@@ -1,4 +1,4 @@
-"""`python -m proxytune.compare`: scored runs side by side, from MLflow, as one table and a bar chart.
+"""`python -m orchestration.compare`: scored runs side by side, from MLflow, as one table and a bar chart.
 
 A row per (run, method): every `evaluate` stage run (one subject) and every benchmark run (many subjects),
 with DINO / CLIP-I / CLIP-T (and PRES / DIV where measured) as each logged them.
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from proxytune import reports, tracking
+from orchestration import tracking
+from proxytune import reports
 
 METHODS = ("supervisor", "student", "delta")
 
@@ -40,7 +41,7 @@ def runs_table(filter_string: str = "", max_runs: int = 50) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m proxytune.compare", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m orchestration.compare", description=__doc__)
     parser.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.student.size = 'B'\"")
     parser.add_argument("--max-runs", type=int, default=50)
     parser.add_argument("--out", default="outputs/compare", help="folder for compare.csv/.md/.png")

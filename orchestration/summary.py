@@ -6,12 +6,12 @@ import json
 import os
 from pathlib import Path
 
-from proxytune.cache import stage_paths
-from proxytune.tracking import tracking_uri
+from orchestration.cache import stage_paths
+from orchestration.tracking import tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m proxytune.summary", description=__doc__).parse_args(argv)
+    argparse.ArgumentParser(prog="python -m orchestration.summary", description=__doc__).parse_args(argv)
     root = Path.cwd()
     supervise, distill, evaluate = (stage_paths(stage, root) for stage in ("supervise", "distill", "evaluate"))
     metrics = evaluate["metrics"]

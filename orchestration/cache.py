@@ -8,14 +8,13 @@ only reused while the outputs on disk are still the ones that run produced.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 from pathlib import Path
 
 import yaml
 
-from proxytune.io import atomic_write_text, sha256_json, sha256_tree
+from proxytune.io import atomic_write_text, cache_dir, sha256_json, sha256_tree
 from proxytune.params import get
 
 _INTERP = re.compile(r"\$\{([^}]+)\}")
@@ -129,14 +128,6 @@ def outputs_current(stage: str, key: str, paths: dict[str, Path]) -> bool:
     if stamp.get("key") != key:
         return False
     return all(p.exists() for p in _outputs(stage, paths)) and stamp.get("outputs") == _outputs_hash(stage, paths)
-
-
-def cache_dir(kind: str) -> Path:
-    """Project-local content-addressed caches (token codes, embeddings) that outlive stage outputs:
-    `$PROXYTUNE_CACHE`, else `.proxytune/cache` in the project."""
-    path = Path(os.environ.get("PROXYTUNE_CACHE", Path.cwd() / ".proxytune" / "cache")) / kind
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def checkpoint_dir(stage: str, params: dict, paths: dict[str, Path]) -> Path:

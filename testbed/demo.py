@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from proxytune import world
 from proxytune.io import atomic_dir
+from testbed import world
 
 SUBJECT = world.make_subject(0)
 CLASS_NOUN = SUBJECT.class_noun

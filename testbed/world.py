@@ -1,4 +1,4 @@
-"""A miniature world: a deterministic generator of small captioned images (issue 8).
+"""A miniature world: a deterministic generator of small captioned images.
 
 Objects of a few classes (distinct silhouettes) with a colour, a pattern and its accent colour, on backgrounds
 standing in for DreamBench's re-contextualisation prompts, with its accessories and property changes. Every

@@ -1,6 +1,7 @@
 """The papers' claims, measured in the miniature world.
 
-For each world subject (`world.make_subject`) and seed, the real stages run with their data in a work folder:
+For each world subject (`world.make_subject`) and seed, the real stages run with their data in a work folder
+(`flows/claims.py` wires them):
 prepare the subject's 4 reference renders, DreamBooth the world-pretrained supervisor, synthesise proxies; then
 every *arm* (a way to personalise the student, or a reference point) draws the evaluation prompts and is scored
 with the world's DINO / CLIP-I / CLIP-T, plus PRES (the class prompt's drift toward the subject) for students:
@@ -30,13 +31,13 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from proxytune import metrics, reports, world
-from proxytune.cache import stage_paths
+from proxytune import metrics, reports
 from proxytune.evaluation import class_prompt, load_evaluators, supervisor_samples
 from proxytune.images import to_pil
 from proxytune.io import read_jsonl
 from proxytune.prompts import EVAL_PROMPTS
 from proxytune.tuning import load_tuned
+from testbed import world
 
 # Per arm: the `student` settings it changes (None: not a tuned student).
 ARMS: dict[str, dict | None] = {
@@ -65,7 +66,7 @@ class ClaimsConfig:
     pres_images: int = 4
 
 
-class _NoLog:
+class NoLog:
     """The stages log to MLflow through this interface; claims runs keep their numbers in the table instead."""
 
     def metrics(self, values, step=None):
@@ -122,52 +123,45 @@ def _drawer(arm: str, params: dict, subject: world.Spec, lora_dir: Path, distill
     return draw
 
 
-def run_subject_seed(base: dict, index: int, seed: int, config: ClaimsConfig, work: Path) -> list[dict]:
-    """Every arm of `config` for one (subject, seed), its stages' data in `work`: one row per arm with its
-    mean scores."""
-    from tasks import distill, prepare, supervise, synthesize
+def arm_params(params: dict, arm: str) -> dict:
+    """The params an arm runs with: the base params with the arm's `student` settings."""
+    return _merge(params, {"student": ARMS[arm]}) if ARMS.get(arm) else params
 
-    params = subject_params(base, index, seed, work)
-    paths = {name: stage_paths(name, work) for name in ("prepare", "supervise", "synthesize", "distill")}
-    prepare.run(params, _NoLog(), paths["prepare"])
-    supervise.run(params, _NoLog(), paths["supervise"])
-    synthesize.run(params, _NoLog(), paths["synthesize"])
-    cache, dino, clip, _ = load_evaluators(params, [])
-    prepared = paths["prepare"]["out"]
-    refs = [Image.open(prepared / r["file"]).convert("RGB") for r in read_jsonl(prepared / "captions.jsonl")]
-    identifier, noun = params["subject"]["identifier"], params["subject"]["class_noun"]
-    templates = [t for t in EVAL_PROMPTS for _ in range(config.images_per_prompt)]
-    prompts = [t.format(f"{identifier} {noun}") for t in templates]
-    clean = [metrics.strip_identifier(p, identifier) for p in prompts]
-    shown, rows = {"photos": refs}, []
-    for arm in config.arms:
-        arm_params = _merge(params, {"student": ARMS[arm]}) if ARMS.get(arm) else params
-        if ARMS.get(arm):
-            distill.run(arm_params, _NoLog(), paths["distill"])
-        draw = _drawer(arm, arm_params, world.make_subject(index), paths["supervise"]["out"],
-                       paths["distill"]["out"])
-        images = draw(prompts, templates)
+
+class ArmScorer:
+    """Draws and scores the arms of one (subject, seed): references, evaluators and prompts are loaded once, and
+    what each arm drew is kept for the grid."""
+
+    def __init__(self, params: dict, index: int, config: ClaimsConfig, paths: dict[str, dict[str, Path]]):
+        self.params, self.index, self.config = params, index, config
+        self.lora_dir, self.distilled = paths["supervise"]["out"], paths["distill"]["out"]
+        _, self.dino, self.clip, _ = load_evaluators(params, [])
+        prepared = paths["prepare"]["out"]
+        self.refs = [Image.open(prepared / r["file"]).convert("RGB") for r in read_jsonl(prepared / "captions.jsonl")]
+        identifier, noun = params["subject"]["identifier"], params["subject"]["class_noun"]
+        self.templates = [t for t in EVAL_PROMPTS for _ in range(config.images_per_prompt)]
+        self.prompts = [t.format(f"{identifier} {noun}") for t in self.templates]
+        self.clean = [metrics.strip_identifier(p, identifier) for p in self.prompts]
+        self.shown = {"photos": self.refs}
+
+    def score(self, arm: str, params: dict) -> dict:
+        """One row: the arm's mean scores on the evaluation prompts, scene CLIP-T and, for students, PRES."""
+        config, n = self.config, len(self.prompts)
+        draw = _drawer(arm, params, world.make_subject(self.index), self.lora_dir, self.distilled)
+        images = draw(self.prompts, self.templates)
         if arm in STUDENT_ARMS and config.pres_images:  # its own call: the scored samples do not depend on it
             images += draw([class_prompt(params)] * config.pres_images, [])
-        scored = metrics.prompt_scores(images[: len(prompts)], clean, refs, dino, clip)
-        scenes = [r for r, t in zip(scored, dict.fromkeys(templates)) if t in SCENE_PROMPTS]
-        row = {"subject": index, "seed": seed, "arm": arm, **metrics.summarize(scored),
+        scored = metrics.prompt_scores(images[:n], self.clean, self.refs, self.dino, self.clip)
+        scenes = [r for r, t in zip(scored, dict.fromkeys(self.templates)) if t in SCENE_PROMPTS]
+        row = {"subject": self.index, "seed": int(params["seed"]), "arm": arm, **metrics.summarize(scored),
                "clip_t_scenes": metrics.summarize(scenes)["clip_t"]}
-        shown[arm] = images[: len(prompts): config.images_per_prompt] + images[len(prompts):]
+        self.shown[arm] = images[:n:config.images_per_prompt] + images[n:]
         if arm in STUDENT_ARMS and config.pres_images:
-            row["pres"] = metrics.pres_score(images[len(prompts):], refs, dino)
-        rows.append({k: row.get(k) for k in ("subject", "seed", "arm", *METRICS)})
-    reports.image_grid(shown, cell=64).save(work / "grid.png")
-    return rows
+            row["pres"] = metrics.pres_score(images[n:], self.refs, self.dino)
+        return {k: row.get(k) for k in ("subject", "seed", "arm", *METRICS)}
 
-
-def run(base: dict, config: ClaimsConfig, work: Path) -> pd.DataFrame:
-    """All subjects x seeds x arms; one row per (subject, seed, arm)."""
-    rows = []
-    for index in config.subjects:
-        for seed in config.seeds:
-            rows += run_subject_seed(base, index, seed, config, work / f"subject{index}-seed{seed}")
-    return pd.DataFrame(rows)
+    def grid(self) -> Image.Image:
+        return reports.image_grid(self.shown, cell=64)
 
 
 def per_seed(rows: pd.DataFrame) -> pd.DataFrame:

@@ -1,0 +1,41 @@
+"""The claims runner: for each world subject and seed, the real stages, then every arm drawn and scored.
+
+Wiring only: the arms, their scoring and the claims table are `testbed.claims`; the stages are `tasks/`. Each
+(subject, seed) keeps its stages' data, laid out as in dvc.yaml, and a grid.png of what each arm drew in
+`work/subject<i>-seed<s>/`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from orchestration.cache import stage_paths
+from tasks import distill, prepare, supervise, synthesize
+from testbed import claims
+
+
+def run_subject_seed(base: dict, index: int, seed: int, config: claims.ClaimsConfig, work: Path) -> list[dict]:
+    """Every arm of `config` for one (subject, seed): one row per arm with its mean scores."""
+    params = claims.subject_params(base, index, seed, work)
+    paths = {name: stage_paths(name, work) for name in ("prepare", "supervise", "synthesize", "distill")}
+    prepare.run(params, claims.NoLog(), paths["prepare"])
+    supervise.run(params, claims.NoLog(), paths["supervise"])
+    synthesize.run(params, claims.NoLog(), paths["synthesize"])
+    scorer, rows = claims.ArmScorer(params, index, config, paths), []
+    for arm in config.arms:
+        tuned = claims.arm_params(params, arm)
+        if claims.ARMS.get(arm):
+            distill.run(tuned, claims.NoLog(), paths["distill"])
+        rows.append(scorer.score(arm, tuned))
+    scorer.grid().save(work / "grid.png")
+    return rows
+
+
+def run(base: dict, config: claims.ClaimsConfig, work: Path) -> pd.DataFrame:
+    """All subjects x seeds x arms; one row per (subject, seed, arm)."""
+    rows = []
+    for index in config.subjects:
+        for seed in config.seeds:
+            rows += run_subject_seed(base, index, seed, config, work / f"subject{index}-seed{seed}")
+    return pd.DataFrame(rows)

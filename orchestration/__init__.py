@@ -1,0 +1,13 @@
+"""Pipeline plumbing: stages as cached Prefect tasks keyed like DVC, MLflow tracking, presets, run comparison
+and the multi-subject benchmark's tasks. Uses the ML library (`proxytune`) and `ar_models`; never the stages
+(`tasks/`), the flows or the test bed."""
+import os
+from pathlib import Path
+
+# Prefect keeps its records (ephemeral database, persisted task results) inside the project unless the
+# user points it elsewhere; set before any module imports prefect.
+os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
+# No phoning home: this runs on machines without internet.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The temporary API server Prefect starts per process can be slow to come up on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
