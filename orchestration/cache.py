@@ -48,8 +48,8 @@ def _path_hash(path: Path) -> str:
 
 
 def path_arguments(stage: str, project: Path | None = None) -> dict[str, str]:
-    """The stage's path arguments as its dvc.yaml `cmd` passes them (`--prepared outputs/prepare` ->
-    {"prepared": "outputs/prepare"}): dvc.yaml is the one place that lays the project's data out."""
+    """The stage's path arguments as its dvc.yaml `cmd` passes them, by name (`--loss-csv X` is `loss_csv`):
+    dvc.yaml is the one place that lays the project's data out."""
     words = shlex.split(stage_spec(stage, project)["cmd"])
     flags = {words[i][2:].replace("-", "_"): words[i + 1] for i in range(len(words) - 1)
              if words[i].startswith("--") and not words[i + 1].startswith("--")}

@@ -9,6 +9,8 @@ import yaml
 
 SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A missing `models/x` is a local path that is not there yet, not the hub organisation "models".
+PROJECT_FOLDERS = ("models", "data", "outputs")
 
 
 class ProxytuneError(Exception):
@@ -58,7 +60,7 @@ def model_source(params: dict, dotted: str) -> str:
     value = str(get(params, dotted))
     if Path(value).exists():
         return value
-    if HUB_ID.match(value) and not value.startswith(("models/", "data/", "outputs/")):
+    if HUB_ID.match(value) and value.split("/")[0] not in PROJECT_FOLDERS:
         return value
     raise ProxytuneError(f"params: {dotted}: {value!r} is neither an existing local path nor a hub id")
 
