@@ -20,15 +20,17 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-COPY = ["params.yaml", "dvc.yaml", ".dvcignore", "bin", "tasks", "proxytune", "ar_models", "testbed", "flows", "models/world"]
 
 
 def fresh_project() -> Path:
-    """A copy of the project's tracked files, as a fresh clone has them: DVC runs in a git repository."""
+    """A copy of the working tree's files, as a fresh clone has them: DVC runs in a git repository."""
     work = Path(tempfile.mkdtemp(prefix="proxytune-bench-"))
-    for name in COPY:
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, work / name)
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, work / name)
     return work
 
 
