@@ -70,6 +70,8 @@ Probability = Annotated[Real, Field(ge=0, lt=1)]
 
 
 class Section(BaseModel):
+    """A params section: strict types (no guessing '30' is 30), unknown keys are typos, defaults checked too."""
+
     model_config = ConfigDict(strict=True, extra="forbid", validate_default=True)
 
 
