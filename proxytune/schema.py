@@ -339,18 +339,19 @@ def _flat(metadata):
         yield from _flat(m.metadata) if isinstance(m, FieldInfo) else [m]
 
 
-def _kind(annotation, metadata=()) -> str:
+def type_rule(annotation, metadata=()) -> str:
+    """A field's type and rules in words: `whole number, >= 1`, `fp32 | bf16 | fp16 or null`."""
     parts = []
     if typing.get_origin(annotation) is Annotated:
         annotation, metadata = typing.get_args(annotation)[0], [*annotation.__metadata__, *metadata]
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Union and type(None) in args:
         inner = [a for a in args if a is not type(None)][0]
-        return f"{_kind(inner, metadata)} or null"
+        return f"{type_rule(inner, metadata)} or null"
     if origin is Literal:
         parts.append(" | ".join(map(str, args)))
     elif origin is list:
-        parts.append(f"list of ({_kind(args[0])})")
+        parts.append(f"list of ({type_rule(args[0])})")
     else:
         parts.append({int: "whole number", float: "number", bool: "true | false", str: "text", Any: "any"}
                      .get(annotation, getattr(annotation, "__name__", str(annotation))))
@@ -377,7 +378,7 @@ def describe(model: type[BaseModel] = Params, where: str = "") -> list[str]:
             lines += describe(info.annotation, f"{key}.")
             continue
         default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
-        lines.append(f"  {key:<36} {_kind(info.annotation, info.metadata)}; {default}. {info.description or ''}")
+        lines.append(f"  {key:<36} {type_rule(info.annotation, info.metadata)}; {default}. {info.description or ''}")
     return lines
 
 
