@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from proxytune import schema
 from proxytune.diffusion import FLOW_FAMILIES, TEXTUAL_INVERSION_FILE, family_of, load_pipeline, sample
 from proxytune.images import to_tensor
 from proxytune.io import atomic_file, cache_dir, sha256_json, sha256_tree
@@ -49,7 +50,11 @@ CLIP_ENCODERS = {"sd": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 EMBEDDING_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "logit_normal", "mode", "cosmap")
+
+
+def _supervisor(key: str):
+    """The schema's default, so a notebook's config trains as an unedited params.yaml would."""
+    return field(default_factory=lambda: schema.default(schema.Supervisor, key))
 
 
 @dataclass
@@ -58,35 +63,35 @@ class DreamBoothConfig:
     instance_images: list[Path]
     instance_prompt: str | list[str]  # one caption for all images, or one per image
     class_prompt: str
-    lora_rank: int = 4
-    lora_alpha: int = 4
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: the family's default (DENOISER_TARGETS)
-    learning_rate: float = 1e-4
-    train_text_encoder: bool = False
-    text_encoder_lr: float = 5e-6
-    steps: int = 400
-    batch_size: int = 1
-    prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    class_batch_size: int = 4
-    sample_steps: int = 25
-    guidance_scale: float = 7.5
-    scheduler: str | None = None  # sampler for class/validation images; None: the family's default
-    mixed_precision: str = "fp32"  # fp32 | bf16 | fp16
-    gradient_checkpointing: bool = False
-    cache_latents: bool = True
-    snr_gamma: float = 0.0  # UNet families; 0: plain MSE
-    weighting_scheme: str = "none"  # flow families, see WEIGHTING_SCHEMES
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
-    flux_guidance: float = 1.0  # the guidance embedding's value while training FLUX.1-dev
-    pivotal_tokens: int = 0  # >0: the identifier becomes this many new trained token embeddings
+    lora_rank: int = _supervisor("lora_rank")
+    lora_alpha: int = _supervisor("lora_alpha")
+    lora_dropout: float = _supervisor("lora_dropout")
+    target_modules: list[str] | None = _supervisor("target_modules")  # None: the family's default (DENOISER_TARGETS)
+    learning_rate: float = _supervisor("learning_rate")
+    train_text_encoder: bool = _supervisor("train_text_encoder")
+    text_encoder_lr: float = _supervisor("text_encoder_lr")
+    steps: int = _supervisor("steps")
+    batch_size: int = _supervisor("batch_size")
+    prior_preservation: bool = _supervisor("prior_preservation")
+    prior_loss_weight: float = _supervisor("prior_loss_weight")
+    num_class_images: int = _supervisor("num_class_images")
+    class_batch_size: int = _supervisor("class_batch_size")
+    sample_steps: int = _supervisor("sample_steps")
+    guidance_scale: float = _supervisor("guidance_scale")
+    scheduler: str | None = _supervisor("scheduler")  # sampler for class/validation images; None: the family's default
+    mixed_precision: str = _supervisor("mixed_precision")  # fp32 | bf16 | fp16
+    gradient_checkpointing: bool = _supervisor("gradient_checkpointing")
+    cache_latents: bool = _supervisor("cache_latents")
+    snr_gamma: float = _supervisor("snr_gamma")  # UNet families; 0: plain MSE
+    weighting_scheme: str = _supervisor("weighting_scheme")  # flow families (proxytune.schema lists them)
+    logit_mean: float = _supervisor("logit_mean")
+    logit_std: float = _supervisor("logit_std")
+    mode_scale: float = _supervisor("mode_scale")
+    flux_guidance: float = _supervisor("flux_guidance")  # the guidance embedding's value while training FLUX.1-dev
+    pivotal_tokens: int = _supervisor("pivotal_tokens")  # >0: new trained token embeddings
     identifier: str = "sks"
-    validation_prompt: str | None = None
-    num_validation_images: int = 2
+    validation_prompt: str | None = _supervisor("validation_prompt")
+    num_validation_images: int = _supervisor("num_validation_images")
     seed: int = 0
     prompts: list[str] = field(init=False, default_factory=list)
 
@@ -95,12 +100,6 @@ class DreamBoothConfig:
         self.prompts = [captions] * len(self.instance_images) if isinstance(captions, str) else list(captions)
         if len(self.prompts) != len(self.instance_images):
             raise ProxytuneError(f"{len(self.prompts)} captions for {len(self.instance_images)} instance images")
-        if self.mixed_precision not in DTYPES:
-            raise ProxytuneError(f"params: supervisor.mixed_precision: unknown value {self.mixed_precision!r} "
-                                 f"(allowed: {', '.join(DTYPES)})")
-        if self.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ProxytuneError(f"params: supervisor.weighting_scheme: unknown value {self.weighting_scheme!r} "
-                                 f"(allowed: {', '.join(WEIGHTING_SCHEMES)})")
 
 
 def model_fingerprint(model: str) -> str:

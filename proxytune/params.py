@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # A missing `models/x` is a local path that is not there yet, not the hub organisation "models".
 PROJECT_FOLDERS = ("models", "data", "outputs")
@@ -17,7 +17,8 @@ class ProxytuneError(Exception):
     """A user-facing error: the CLI prints its message as one line, without a traceback."""
 
 
-def load_params(path: str | Path = "params.yaml") -> dict:
+def read_params(path: str | Path) -> dict:
+    """The parsed params file, unchecked: a mapping of sections or a one-line error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ProxytuneError(f"{path}: params file not found")
@@ -29,12 +30,20 @@ def load_params(path: str | Path = "params.yaml") -> dict:
         raise ProxytuneError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(params, dict):
         raise ProxytuneError(f"{path}: must be a mapping of sections")
-    name = str(get(params, "subject.name"))
-    if not SUBJECT_NAME.match(name):
-        raise ProxytuneError(
-            f"params: subject.name {name!r} must be 1-64 letters, digits, '_' or '-' (no paths)"
-        )
     return params
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    """The params file checked against `proxytune.schema` (before any stage runs), as a plain dict with every
+    default filled in; the first violation is a one-line error naming the dotted key, its value and the rule."""
+    from proxytune.schema import problems, validate
+
+    try:
+        return validate(read_params(path))
+    except ValidationError as e:
+        lines = problems(e)
+        more = f" (and {len(lines) - 1} more: `proxytune params --check {path}` lists all)" if len(lines) > 1 else ""
+        raise ProxytuneError(lines[0] + more) from None
 
 
 def get(params: dict, dotted: str) -> Any:
@@ -63,10 +72,3 @@ def model_source(params: dict, dotted: str) -> str:
     if HUB_ID.match(value) and value.split("/")[0] not in PROJECT_FOLDERS:
         return value
     raise ProxytuneError(f"params: {dotted}: {value!r} is neither an existing local path nor a hub id")
-
-
-def choice(params: dict, dotted: str, allowed) -> str:
-    value = get(params, dotted)
-    if value not in allowed:
-        raise ProxytuneError(f"params: {dotted}: unknown value {value!r} (allowed: {', '.join(sorted(allowed))})")
-    return value

@@ -29,6 +29,7 @@ from torch import nn
 
 from ar_models import ARStudent, PromptBatch, load_student
 from ar_models.base import insert_prefix
+from proxytune import schema
 
 ADAPTER_DIR = "adapter"
 IDENTIFIERS_FILE = "identifiers.safetensors"
@@ -45,35 +46,39 @@ TI_TEMPLATES = [
     "a good photo of a {}", "a photo of the nice {}", "a photo of the small {}", "a photo of the weird {}",
     "a photo of the large {}", "a photo of a cool {}", "a photo of a small {}",
 ]
-METHODS = ("proxy_tuning", "two_stage", "arbooth")
+
+
+def _student(key: str, section: type = schema.Student):
+    """The schema's default, so a notebook's TuneConfig() tunes as an unedited params.yaml would."""
+    return field(default_factory=lambda: schema.default(section, key))
 
 
 @dataclass
 class TuneConfig:
-    method: str = "proxy_tuning"
-    steps: int = 500  # optimizer steps (for two_stage: stage 2's; stage 1 adds embedding_steps)
-    batch_size: int = 4
-    grad_accum: int = 1
-    learning_rate: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    cond_dropout: float = 0.1
-    mixed_precision: str = "fp32"  # "bf16": autocast matmuls; trained weights stay fp32
-    gradient_checkpointing: bool = False
+    method: str = _student("method")
+    steps: int = _student("steps")  # optimizer steps (for two_stage: stage 2's; stage 1 adds embedding_steps)
+    batch_size: int = _student("batch_size")
+    grad_accum: int = _student("grad_accum")
+    learning_rate: float = _student("learning_rate")
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; arbooth sets its own
+    cond_dropout: float = _student("cond_dropout")
+    mixed_precision: str = _student("mixed_precision")  # "bf16": autocast matmuls; trained weights stay fp32
+    gradient_checkpointing: bool = _student("gradient_checkpointing")
     seed: int = 0
-    lora_rank: int = 8
-    lora_alpha: int = 8
-    lora_dropout: float = 0.0
-    lora_groups: list[str] = field(default_factory=list)  # empty: the family's default LoRA targets
-    lora_every_nth_layer: int = 1
+    lora_rank: int = _student("lora_rank")
+    lora_alpha: int = _student("lora_alpha")
+    lora_dropout: float = _student("lora_dropout")
+    lora_groups: list[str] = _student("lora_groups")  # empty: the family's default LoRA targets
+    lora_every_nth_layer: int = _student("lora_every_nth_layer")
     # two_stage
-    embedding_steps: int = 1500
-    embedding_lr: float = 1e-2
-    stage2: str = "lora"  # "lora" on Q/K/V, "qkv": Q/K/V tuned in full, "none": embedding only (steps ignored)
-    image_tokens: bool = True  # one S_i token per reference image, mixed 1:1 with plain prompts
+    embedding_steps: int = _student("embedding_steps", schema.TwoStage)
+    embedding_lr: float = _student("embedding_lr", schema.TwoStage)
+    stage2: str = _student("stage2", schema.TwoStage)  # "lora" on Q/K/V, "qkv": Q/K/V in full, "none": embedding only
+    image_tokens: bool = _student("image_tokens", schema.TwoStage)  # one S_i token per reference image, mixed 1:1
     # arbooth
-    prefix_tokens: int = 4
-    prior_weight: float = 0.5
-    tune_groups: list[str] = field(default_factory=lambda: ["cross_attn", "mlp"])
+    prefix_tokens: int = _student("prefix_tokens", schema.ARBooth)
+    prior_weight: float = _student("prior_weight", schema.ARBooth)
+    tune_groups: list[str] = _student("tune_groups", schema.ARBooth)
 
 
 @dataclass

@@ -21,9 +21,7 @@ from proxytune.images import to_pil, to_tensor
 from proxytune.io import atomic_dir, atomic_file, cache_dir, read_jsonl, sha256_file, sha256_json
 from proxytune.params import ProxytuneError, get
 from proxytune.training import Checkpointer, train, write_loss_csv
-from proxytune.tuning import METHODS, TuneConfig, TuningData, build_recipe, write_card
-
-DATA_SOURCES = ("proxies", "references", "proxies+references", "augmented_references")
+from proxytune.tuning import TuneConfig, TuningData, build_recipe, write_card
 
 
 def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str, image_size: int | None = None
@@ -85,12 +83,10 @@ def training_images(s: dict, seed: int, paths: dict[str, Path]) -> tuple[list[tu
     """(image file, prompt) pairs for `student.data` (the proxies and prepared references in `paths`), and the
     hashes of the manifests they came from."""
     proxies, prepared = paths["proxies"], paths["prepared"]
-    source = s.get("data", "proxies")
-    if source not in DATA_SOURCES:
-        raise ProxytuneError(f"params: student.data must be one of {', '.join(DATA_SOURCES)}, got {source!r}")
+    source = s["data"]
     pairs, hashes = [], []
     if source in ("proxies", "proxies+references"):
-        for folder in [proxies, *map(Path, s.get("extra_subjects") or [])]:
+        for folder in [proxies, *map(Path, s["extra_subjects"])]:
             manifest = folder / "manifest.jsonl"
             if not manifest.is_file():
                 raise ProxytuneError(f"{manifest}: no proxy manifest (student.data / student.extra_subjects)")
@@ -101,7 +97,7 @@ def training_images(s: dict, seed: int, paths: dict[str, Path]) -> tuple[list[tu
         pairs += [(prepared / r["file"], r["caption"]) for r in refs]
         hashes.append(sha256_file(prepared / "captions.jsonl"))
     if source == "augmented_references":
-        pairs += augmented_references(prepared, refs, int(s.get("augment_copies", 8)), seed)
+        pairs += augmented_references(prepared, refs, s["augment_copies"], seed)
         hashes.append(sha256_file(prepared / "captions.jsonl"))
     return pairs, hashes
 
@@ -129,33 +125,19 @@ def prior_samples(student: ARStudent, s: dict, prompt: str, seed: int) -> list[P
 
 
 def tune_config(s: dict, seed: int) -> TuneConfig:
-    method = s.get("method", "proxy_tuning")
-    if method not in METHODS:
-        raise ProxytuneError(f"params: student.method must be one of {', '.join(METHODS)}, got {method!r}")
-    if s.get("mixed_precision", "fp32") not in ("fp32", "bf16"):
-        raise ProxytuneError(f"params: student.mixed_precision must be 'fp32' or 'bf16', got {s['mixed_precision']!r}")
-    for key in ("steps", "batch_size", "grad_accum"):
-        if int(s.get(key, 1)) < 1:
-            raise ProxytuneError(f"params: student.{key} must be a positive integer, got {s[key]!r}")
-    two, arb = s.get("two_stage", {}), s.get("arbooth", {})
-    if two.get("stage2", "lora") not in ("lora", "qkv", "none"):
-        raise ProxytuneError(f"params: student.two_stage.stage2 must be 'lora', 'qkv' or 'none', got {two['stage2']!r}")
-    cfg = TuneConfig(
-        method=method, steps=int(s["steps"]), batch_size=int(s["batch_size"]), grad_accum=int(s.get("grad_accum", 1)),
-        learning_rate=float(s["learning_rate"]), cond_dropout=float(s["cond_dropout"]),
-        mixed_precision=s.get("mixed_precision", "fp32"),
-        gradient_checkpointing=bool(s.get("gradient_checkpointing", False)), seed=seed,
-        lora_rank=int(s["lora_rank"]), lora_alpha=int(s["lora_alpha"]), lora_dropout=float(s.get("lora_dropout", 0)),
-        lora_groups=list(s.get("lora_groups") or []), lora_every_nth_layer=int(s.get("lora_every_nth_layer", 1)),
-    )
-    if method == "two_stage":
-        cfg.embedding_steps, cfg.embedding_lr = int(two["embedding_steps"]), float(two["embedding_lr"])
-        cfg.stage2, cfg.image_tokens = two["stage2"], bool(two["image_tokens"])
+    """The recipe's settings from the `student` section (`proxytune.schema` checked it)."""
+    keys = ("method", "steps", "batch_size", "grad_accum", "learning_rate", "cond_dropout", "mixed_precision",
+            "gradient_checkpointing", "lora_rank", "lora_alpha", "lora_dropout", "lora_groups", "lora_every_nth_layer")
+    cfg = TuneConfig(seed=seed, **{k: s[k] for k in keys})
+    two, arb = s["two_stage"], s["arbooth"]
+    if cfg.method == "two_stage":
+        cfg.embedding_steps, cfg.embedding_lr = two["embedding_steps"], two["embedding_lr"]
+        cfg.stage2, cfg.image_tokens = two["stage2"], two["image_tokens"]
         if cfg.stage2 == "none":
             cfg.steps = 0
-    if method == "arbooth":
-        cfg.prefix_tokens, cfg.prior_weight = int(arb["prefix_tokens"]), float(arb["prior_weight"])
-        cfg.tune_groups, cfg.betas = list(arb["tune_groups"]), tuple(float(b) for b in arb["betas"])
+    if cfg.method == "arbooth":
+        cfg.prefix_tokens, cfg.prior_weight = arb["prefix_tokens"], arb["prior_weight"]
+        cfg.tune_groups, cfg.betas = list(arb["tune_groups"]), tuple(arb["betas"])
     return cfg
 
 
@@ -181,13 +163,13 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     except ValueError as e:
         raise ProxytuneError(f"params: student: {e}") from None
     total = cfg.steps + (cfg.embedding_steps if cfg.method == "two_stage" else 0)
-    checkpoints = Checkpointer(checkpoint_dir("distill", params, paths), int(s.get("checkpoint_every", 0)))
+    checkpoints = Checkpointer(checkpoint_dir("distill", params, paths), s["checkpoint_every"])
     history = train(recipe, total, log, checkpoints)
     out = paths["out"]
     with atomic_dir(out) as tmp:
         files = recipe.save(tmp)
         write_card(tmp, cfg, s, files, {"identifier": identifier, "class_noun": class_noun,
-                                        "sources": s.get("data", "proxies"), "manifest_sha256": hashes,
+                                        "sources": s["data"], "manifest_sha256": hashes,
                                         "num_images": len(pairs)},
                    history[-1]["loss"] if history else None)
     write_loss_csv(paths["loss_csv"], history)

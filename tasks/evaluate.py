@@ -18,32 +18,19 @@ from orchestration.stage import stage_task
 from proxytune import metrics, reports
 from proxytune.evaluation import class_prompt, load_evaluators, student_samples, supervisor_samples
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
-from proxytune.params import ProxytuneError, get
+from proxytune.params import get
 from proxytune.prompts import EVAL_PROMPTS
 from proxytune.reports import CACHE_STATS_FILE, TABLE_FILE
 
 HELDOUT = [t.format("{0} {1}") for t in EVAL_PROMPTS]  # the project's held-out prompts as DreamBench templates
 
 
-def _int(params: dict, dotted: str, low: int) -> int:
-    value = get(params, dotted)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ProxytuneError(f"params: {dotted} must be an integer >= {low}, got {value!r}")
-    return value
-
-
 def eval_prompts(params: dict) -> list[str]:
     """The prompts both models draw: `evaluate.prompts` is `heldout` or a list of DreamBench templates
     (`{0}` the identifier, `{1}` the class noun), cut to the first `evaluate.prompts_per_model` (0: all)."""
     spec = get(params, "evaluate.prompts")
-    if spec == "heldout":
-        templates = HELDOUT
-    elif isinstance(spec, list) and spec and all(isinstance(t, str) and "{0}" in t and "{1}" in t for t in spec):
-        templates = spec
-    else:
-        raise ProxytuneError("params: evaluate.prompts must be 'heldout' or a non-empty list of templates "
-                             "each containing {0} (identifier) and {1} (class noun)")
-    count = _int(params, "evaluate.prompts_per_model", 0)
+    templates = HELDOUT if spec == "heldout" else spec
+    count = get(params, "evaluate.prompts_per_model")
     templates = templates[:count] if count else templates
     return [t.format(get(params, "subject.identifier"), get(params, "subject.class_noun")) for t in templates]
 
@@ -53,10 +40,9 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     notes: list[str] = []
     identifier = get(params, "subject.identifier")
     prompts = eval_prompts(params)
-    per_prompt = _int(params, "evaluate.images_per_prompt", 1)
-    pres_images = _int(params, "evaluate.pres_images", 0)
-    resize = _int(params, "evaluate.resize", 0)
-    batch = _int(params, "evaluate.embed_batch_size", 1)
+    e = params["evaluate"]
+    per_prompt, pres_images, resize, batch = (e[k] for k in ("images_per_prompt", "pres_images", "resize",
+                                                               "embed_batch_size"))
     cache, dino, clip, lpips = load_evaluators(params, notes)
     prepared, out, metrics_file = paths["prepared"], paths["out"], paths["metrics"]
     references = [Image.open(prepared / r["file"]).convert("RGB") for r in read_jsonl(prepared / "captions.jsonl")]

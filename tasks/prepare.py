@@ -59,14 +59,7 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     folder = local_path(params, "subject.images", "folder")
     if not folder.is_dir():
         raise ProxytuneError(f"params: subject.images: {str(folder)!r} is not a folder")
-    try:
-        resolution = int(get(params, "prepare.resolution"))
-    except (TypeError, ValueError):
-        raise ProxytuneError(
-            f"params: prepare.resolution must be an integer, got {get(params, 'prepare.resolution')!r}"
-        ) from None
-    if resolution < 8:
-        raise ProxytuneError(f"params: prepare.resolution must be at least 8, got {resolution}")
+    resolution = get(params, "prepare.resolution")
     phrase = subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun"))
     images = [(p, load_reference(p, max(8, resolution // 2))) for p in reference_files(folder)]
     out = paths["out"]

@@ -24,35 +24,23 @@ from proxytune.params import ProxytuneError, get, load_params, model_source
 from proxytune.prompts import CAPTION
 from proxytune.training import Checkpointer, train, write_loss_csv
 
-# supervisor.<key> -> type; each becomes the DreamBoothConfig field of the same name when present.
-FIELDS = {
-    "lora_rank": int, "lora_alpha": int, "lora_dropout": float, "target_modules": list, "learning_rate": float,
-    "train_text_encoder": bool, "text_encoder_lr": float, "steps": int, "batch_size": int,
-    "prior_preservation": bool, "prior_loss_weight": float, "num_class_images": int, "class_batch_size": int,
-    "sample_steps": int, "guidance_scale": float, "scheduler": str, "mixed_precision": str,
-    "gradient_checkpointing": bool, "cache_latents": bool, "snr_gamma": float, "weighting_scheme": str,
-    "logit_mean": float, "logit_std": float, "mode_scale": float, "flux_guidance": float, "pivotal_tokens": int,
-    "validation_prompt": str, "num_validation_images": int,
-}
-
-
-def _typed(key: str, value, kind):
-    """A supervisor parameter as `kind`; null means the recipe's default."""
-    if kind is bool and not isinstance(value, bool) or kind is list and not isinstance(value, list):
-        raise ProxytuneError(f"params: supervisor.{key} must be a {kind.__name__}, got {value!r}")
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ProxytuneError(f"params: supervisor.{key} must be a {kind.__name__}, got {value!r}") from None
+# supervisor.<key>s that become the DreamBoothConfig field of the same name (null: the recipe's default).
+FIELDS = (
+    "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "train_text_encoder",
+    "text_encoder_lr", "steps", "batch_size", "prior_preservation", "prior_loss_weight", "num_class_images",
+    "class_batch_size", "sample_steps", "guidance_scale", "scheduler", "mixed_precision", "gradient_checkpointing",
+    "cache_latents", "snr_gamma", "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "flux_guidance",
+    "pivotal_tokens", "validation_prompt", "num_validation_images",
+)
 
 
 def recipe_config(params: dict, images: list[Path], captions: list[str]) -> DreamBoothConfig:
     s = get(params, "supervisor")
-    values = {k: _typed(k, s[k], kind) for k, kind in FIELDS.items() if s.get(k) is not None}
+    values = {k: s[k] for k in FIELDS if s[k] is not None}
     return DreamBoothConfig(
         model=model_source(params, "supervisor.model"), instance_images=images, instance_prompt=captions,
-        class_prompt=CAPTION.format(get(params, "subject.class_noun")), identifier=str(get(params, "subject.identifier")),
-        seed=int(get(params, "seed")), **values,
+        class_prompt=CAPTION.format(get(params, "subject.class_noun")), identifier=get(params, "subject.identifier"),
+        seed=get(params, "seed"), **values,
     )
 
 
@@ -86,14 +74,14 @@ def train_lora(params: dict, log, paths: dict[str, Path], process=None) -> tuple
     recipe = DreamBoothLoRA(cfg, process)
     recipe.setup()
     s = params["supervisor"]
-    folder, every = checkpoint_dir("supervise", params, paths), int(s.get("checkpoint_every") or 0)
+    folder, every = checkpoint_dir("supervise", params, paths), s["checkpoint_every"]
     main = process is None or process.is_main_process
     if process is None:
         checkpoints = Checkpointer(folder, every)
     else:  # the others only read the folder, to resume
         checkpoints = FinalCheckpointer(folder, every, cfg.steps) if main else Checkpointer(folder, 0)
     with tempfile.TemporaryDirectory(prefix="proxytune-validation-") as validation:
-        validation_every = int(s.get("validation_every") or 0) if main else 0
+        validation_every = s["validation_every"] if main else 0
         logger = ValidatingLogger(log, recipe, validation_every, Path(validation))
         history = train(recipe, cfg.steps, logger, checkpoints)
     return recipe, history, checkpoints
@@ -103,7 +91,7 @@ def publish(params: dict, recipe: DreamBoothLoRA, history: list[dict], paths: di
     """Write `paths["out"]` (LoRA, embeddings, class images) and the loss CSV."""
     out = paths["out"]
     with atomic_dir(out) as tmp:
-        recipe.save(tmp, export_kohya=bool(params["supervisor"].get("export_kohya", False)))
+        recipe.save(tmp, export_kohya=params["supervisor"]["export_kohya"])
         (tmp / "class_images").mkdir()
         for i, img in enumerate(recipe.class_images):
             img.save(tmp / "class_images" / f"{i:03d}.png")

@@ -23,36 +23,18 @@ from PIL import Image
 
 from orchestration.cache import checkpoint_dir
 from orchestration.stage import launched_stage_args, stage_task
-from proxytune.diffusion import SCHEDULERS, load_pipeline, sample
+from proxytune.diffusion import load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
 from proxytune.prompts import proxy_prompts, subject_phrase
 
 
 def settings(params: dict) -> dict:
-    """The `synthesize` params, checked before anything heavy loads."""
+    """The `synthesize` params (`proxytune.schema` checked them) under the names the plan uses."""
     s = params["synthesize"]
-    for name in ("num_images", "batch_size", "sample_steps"):
-        value = get(params, f"synthesize.{name}")
-        if not isinstance(value, int) or value < 1:
-            raise ProxytuneError(f"params: synthesize.{name} must be a whole number of at least 1, got {value!r}")
-    user = get(params, "synthesize.user_prompts") or []
-    if not isinstance(user, list):
-        raise ProxytuneError(f"params: synthesize.user_prompts must be a list of prompt templates, got {user!r}")
-    for i, template in enumerate(user):
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ProxytuneError(f"params: synthesize.user_prompts[{i}] {template!r} must be text with exactly "
-                                 "one '{}' where the subject phrase goes, e.g. 'a {} playing guitar'")
-    min_dino = get(params, "synthesize.min_dino")
-    if min_dino is not None and not isinstance(min_dino, (int, float)):
-        raise ProxytuneError(f"params: synthesize.min_dino must be a number or null, got {min_dino!r}")
-    scheduler = get(params, "synthesize.scheduler")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ProxytuneError(f"params: synthesize.scheduler {scheduler!r} is unknown (known: {', '.join(SCHEDULERS)}; "
-                             "null: the model family's default)")
-    return {"num_images": s["num_images"], "batch_size": s["batch_size"], "user_prompts": user,
-            "steps": s["sample_steps"], "guidance_scale": float(get(params, "synthesize.guidance_scale")),
-            "scheduler": scheduler, "min_dino": None if min_dino is None else float(min_dino)}
+    return {"num_images": s["num_images"], "batch_size": s["batch_size"], "user_prompts": s["user_prompts"],
+            "steps": s["sample_steps"], "guidance_scale": s["guidance_scale"], "scheduler": s["scheduler"],
+            "min_dino": s["min_dino"]}
 
 
 def plan(params: dict) -> list[list[dict]]:

@@ -44,3 +44,10 @@ def test_every_command_answers_help(command, capsys):
         cli.main([command, "--help"])
     assert exit_.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_params_documents_and_checks_through_the_cli(capsys):
+    assert cli.main(["params"]) == 0
+    assert "supervisor.learning_rate" in capsys.readouterr().out
+    assert cli.main(["params", "--check", "params.yaml"]) == 0  # the committed params.yaml is valid
+    assert capsys.readouterr().out == "params.yaml: ok\n"

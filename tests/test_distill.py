@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line, paths
+from conftest import assert_one_line, edit_params, paths
 from PIL import Image
 from safetensors import safe_open
 
@@ -172,17 +172,15 @@ def test_augmented_references_and_extra_subjects(synthesized, log):
 
 
 @pytest.mark.parametrize("key, value, rule", [
-    ("method", "dreambooth", "student.method must be one of"),
-    ("data", "web", "student.data must be one of"),
-    ("grad_accum", 0, "student.grad_accum must be a positive integer"),
+    ("method", "dreambooth", "student.method = 'dreambooth': must be 'proxy_tuning', 'two_stage' or 'arbooth'"),
+    ("data", "web", "student.data = 'web': must be 'proxies', "),
+    ("grad_accum", 0, "student.grad_accum = 0: must be >= 1"),
 ])
-def test_bad_tuning_params_are_one_line_errors(synthesized, log, key, value, rule):
-    params = load_params(synthesized / "params.yaml")
-    params["student"][key] = value
+def test_bad_tuning_params_are_one_line_errors(synthesized, key, value, rule):
+    edit_params(synthesized, "student", **{key: value})
     with pytest.raises(ProxytuneError) as err:
-        distill.run(params, log, paths(synthesized, "distill"))
+        load_params(synthesized / "params.yaml")
     assert_one_line(err, rule)
-    assert not (synthesized / "outputs/distill").exists()
 
 
 def test_bf16_trains_with_finite_loss(synthesized, log, monkeypatch):
@@ -208,9 +206,7 @@ def test_bf16_trains_with_finite_loss(synthesized, log, monkeypatch):
 
 
 @pytest.mark.parametrize("value", ["fp16", "bf 16", False])
-def test_invalid_mixed_precision_is_a_clear_error(project, log, value):
-    params = load_params(project / "params.yaml")
-    params["student"]["mixed_precision"] = value
-    with pytest.raises(ProxytuneError, match=r"student\.mixed_precision must be .*'bf16'"):
-        distill.run(params, log, paths(project, "distill"))
-    assert not (project / "outputs/distill").exists()
+def test_invalid_mixed_precision_is_a_clear_error(project, value):
+    edit_params(project, "student", mixed_precision=value)
+    with pytest.raises(ProxytuneError, match=r"student\.mixed_precision = .*: must be 'fp32' or 'bf16'"):
+        load_params(project / "params.yaml")

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from conftest import assert_one_line
 
-from proxytune.params import ProxytuneError, choice, get, load_params, local_path, model_source
+from proxytune import schema
+from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -174,16 +175,126 @@ def test_model_source(tmp_path):
         assert_one_line(err, f"supervisor.{key}", value)
 
 
-def test_choice():
-    params = {"student": {"size": "B", "vq": "nope"}}
-    assert choice(params, "student.size", {"tiny", "B", "L"}) == "B"
+# ---------------------------------------------------------------- the schema
+
+
+def test_defaults_fill_a_minimal_file(tmp_path, repo_params):
+    """The schema's defaults are params.yaml's values: a file naming only the subject loads as params.yaml."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"subject": repo_params["subject"]}))
+    assert load_params(path) == repo_params
+
+
+def test_library_defaults_are_the_schema_defaults(repo_params):
+    from dataclasses import fields
+
+    from proxytune.dreambooth import DreamBoothConfig
+    from proxytune.tuning import TuneConfig
+
+    tune = TuneConfig()
+    student = repo_params["student"]
+    for f in fields(TuneConfig):
+        if f.name in student:
+            assert getattr(tune, f.name) == student[f.name], f.name
+    assert (tune.embedding_steps, tune.stage2) == (student["two_stage"]["embedding_steps"], "lora")
+    dreambooth = DreamBoothConfig(model="m", instance_images=[], instance_prompt="p", class_prompt="c")
+    for f in fields(DreamBoothConfig):
+        if f.name in repo_params["supervisor"] and f.name != "model":
+            assert getattr(dreambooth, f.name) == repo_params["supervisor"][f.name], f.name
+
+
+def test_choices_match_what_the_code_knows():
+    """The schema's choices are the names the library and ar_models dispatch on."""
+    from typing import get_args
+
+    from ar_models import FAMILIES
+    from proxytune.diffusion import SCHEDULERS
+    from proxytune.dreambooth import DTYPES
+    from proxytune.tuning import RECIPES
+
+    def choices(model, key):
+        return set(get_args(model.model_fields[key].annotation))
+
+    assert choices(schema.Student, "family") == set(FAMILIES)
+    assert choices(schema.Student, "method") == set(RECIPES)
+    assert choices(schema.Supervisor, "mixed_precision") == set(DTYPES)
+    assert set(get_args(schema.Scheduler)) == set(SCHEDULERS)
+
+
+def test_unknown_keys_are_errors_except_family_specific_student_keys(tmp_path, repo_params):
+    path = tmp_path / "params.yaml"
+    repo_params["student"]["vq_config"] = "models/x/vqgan.yaml"  # a family's own key passes through
+    repo_params["supervisor"]["step"] = 5  # a typo of steps
+    path.write_text(yaml.safe_dump(repo_params))
     with pytest.raises(ProxytuneError) as err:
-        choice(params, "student.vq", {"tiny", "VQ-16"})
-    msg = assert_one_line(err, "student.vq", "nope")
-    assert "VQ-16" in msg and "tiny" in msg  # lists what is allowed
+        load_params(path)
+    assert_one_line(err, "supervisor.step", "unknown parameter")
+    del repo_params["supervisor"]["step"]
+    path.write_text(yaml.safe_dump(repo_params))
+    assert load_params(path)["student"]["vq_config"] == "models/x/vqgan.yaml"
+
+
+@pytest.mark.parametrize("text, value", [("5e-3", 5e-3), ("1.0e-3", 1e-3), ("'2E-4'", 2e-4), ("3", 3.0)])
+def test_numbers_as_dvc_exp_run_set_writes_them(tmp_path, repo_params, text, value):
+    """`dvc exp run -S student.learning_rate=5e-3` leaves `5e-3` in params.yaml, which PyYAML reads as text."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(repo_params).replace("learning_rate: 0.001", f"learning_rate: {text}"))
+    params = load_params(path)
+    assert params["student"]["learning_rate"] == value and isinstance(params["student"]["learning_rate"], float)
+
+
+def test_several_violations_are_still_one_line(tmp_path, repo_params):
+    repo_params["supervisor"].update(steps=0, batch_size=0)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(repo_params))
     with pytest.raises(ProxytuneError) as err:
-        choice(params, "student.missing", {"a"})
-    assert_one_line(err, "student.missing")
+        load_params(path)
+    assert_one_line(err, "params: supervisor.steps = 0: must be >= 1", "1 more", "proxytune params --check")
+
+
+@pytest.mark.parametrize("section, values, key, rule", [
+    ("supervisor", {"prior_preservation": True, "num_class_images": 0}, "supervisor.num_class_images",
+     "prior_preservation"),
+    ("student", {"method": "arbooth", "arbooth": {"prior_weight": 0.5, "prior_images": 0}},
+     "student.arbooth.prior_images", "prior_weight"),
+])
+def test_cross_field_rules_name_the_key(tmp_path, repo_params, section, values, key, rule):
+    repo_params[section].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(repo_params))
+    with pytest.raises(ProxytuneError) as err:
+        load_params(path)
+    assert_one_line(err, f"{key} = 0", rule)
+
+
+def test_params_command_documents_every_parameter(capsys, repo_params):
+    assert schema.main([]) == 0
+    out = capsys.readouterr().out
+    for key in ("seed", "supervisor.steps", "student.two_stage.stage2", "student.arbooth.scale_weights.late"):
+        assert f"  {key} " in out
+    assert "whole number, >= 1; default 80. optimizer steps" in out  # type, rule, default, description
+    documented = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+
+    def leaves(tree, where=""):
+        for k, v in tree.items():
+            yield from leaves(v, f"{where}{k}.") if isinstance(v, dict) else [f"{where}{k}"]
+
+    assert set(leaves(repo_params)) <= documented
+
+
+def test_params_check_lists_every_violation(tmp_path, repo_params, capsys):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(repo_params))
+    assert schema.main(["--check", str(path)]) == 0
+    assert "ok" in capsys.readouterr().out
+    repo_params["student"].update(steps="thirty", batch_size=0)
+    path.write_text(yaml.safe_dump(repo_params))
+    assert schema.main(["--check", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {path}: params: student.steps = 'thirty': must be a whole number",
+                   f"error: {path}: params: student.batch_size = 0: must be >= 1"]
+    assert schema.main(["--check", str(tmp_path / "none.yaml")]) == 2
+    assert "params file not found" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- ar_models.load_student

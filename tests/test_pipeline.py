@@ -69,7 +69,7 @@ def test_cli_reports_bad_params_in_one_line(project, capsys):
     edit_params(project, "subject", name="../x")
     assert main(["--params", str(project / "params.yaml"), "--under", str(project)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: params: subject.name '../x'")
+    assert err[-1].startswith("error: params: subject.name = '../x': ")
 
 
 def test_bad_input_stops_the_flow_with_one_line_and_keeps_earlier_outputs(project, capsys):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import assert_one_line, paths
+from conftest import assert_one_line, edit_params, paths
 from PIL import Image, ImageOps
 
 from proxytune.io import read_jsonl
@@ -256,12 +256,11 @@ def test_unsafe_subject_name_rejected_by_load_params(project, earlier_output, tm
     assert leftovers(project) == []
 
 
-@pytest.mark.parametrize("value", [4, "abc"])
-def test_bad_resolution_names_parameter(project, earlier_output, log, value):
-    params = load_params(project / "params.yaml")
-    params["prepare"]["resolution"] = value
+@pytest.mark.parametrize("value", [4, "abc", 36])
+def test_bad_resolution_names_parameter(project, earlier_output, value):
+    edit_params(project, "prepare", resolution=value)
     with pytest.raises(ProxytuneError) as err:
-        run_prepare(params, log, project)
+        load_params(project / "params.yaml")
     assert_one_line(err, "prepare.resolution")
     assert snapshot(out_of(project)) == earlier_output
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_one_line, paths
+from conftest import assert_one_line, edit_params, paths
 from PIL import Image
 from safetensors import safe_open
 
@@ -167,17 +167,24 @@ def test_run_writes_diffusers_lora_that_reloads(project, log, monkeypatch):
 
 
 @pytest.mark.parametrize("key,value,names", [
-    ("mixed_precision", "fp8", ["supervisor.mixed_precision", "fp8"]),
-    ("train_text_encoder", "yes", ["supervisor.train_text_encoder"]),
-    ("lora_rank", "four", ["supervisor.lora_rank"]),
-    ("scheduler", "flow-euler", ["flow-euler", "sd"]),
+    ("mixed_precision", "fp8", ["supervisor.mixed_precision = 'fp8'", "'fp16'"]),
+    ("train_text_encoder", "yes", ["supervisor.train_text_encoder = 'yes': must be true or false"]),
+    ("lora_rank", "four", ["supervisor.lora_rank = 'four': must be a whole number"]),
 ])
-def test_bad_supervisor_params_stop_with_one_line(prepared, log, key, value, names):
+def test_bad_supervisor_params_stop_with_one_line(project, key, value, names):
+    edit_params(project, "supervisor", **{key: value})
+    with pytest.raises(ProxytuneError) as err:
+        load_params(project / "params.yaml")
+    assert_one_line(err, *names)
+
+
+def test_a_scheduler_that_does_not_fit_the_model_stops_with_one_line(prepared, log):
+    """A valid sampler name for another family: only the loaded model can tell."""
     params = load_params(prepared / "params.yaml")
-    params["supervisor"][key] = value
+    params["supervisor"]["scheduler"] = "flow-euler"
     with pytest.raises(ProxytuneError) as err:
         supervise.run(params, log, paths(prepared, "supervise"))
-    assert_one_line(err, *names)
+    assert_one_line(err, "flow-euler", "sd")
 
 
 @pytest.mark.parametrize("preset", ["supervisor_sdxl.yaml", "supervisor_sd3.yaml"])

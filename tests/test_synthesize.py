@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line, paths
+from conftest import assert_one_line, edit_params, paths
 from diffusers import EulerDiscreteScheduler
 from PIL import Image
 
@@ -179,19 +179,17 @@ def test_dino_filter_drops_low_scores_and_reports_counts(synthesized, log):
 
 
 @pytest.mark.parametrize("name, value, rule", [
-    ("num_images", 0, "synthesize.num_images must be a whole number of at least 1"),
-    ("batch_size", -2, "synthesize.batch_size must be a whole number of at least 1"),
-    ("sample_steps", 0, "synthesize.sample_steps must be a whole number of at least 1"),
-    ("scheduler", "EulerDiscreteScheduler", "synthesize.scheduler 'EulerDiscreteScheduler' is unknown"),
-    ("num_images", "many", "synthesize.num_images must be a whole number of at least 1, got 'many'"),
-    ("min_dino", "high", "synthesize.min_dino must be a number or null"),
-    ("user_prompts", "a {} dancing", "synthesize.user_prompts must be a list"),
-    ("user_prompts", ["a {} dancing", "a sks toy singing"], r"synthesize.user_prompts\[1\] .* exactly one '{}'"),
+    ("num_images", 0, "synthesize.num_images = 0: must be >= 1"),
+    ("batch_size", -2, "synthesize.batch_size = -2: must be >= 1"),
+    ("sample_steps", 0, "synthesize.sample_steps = 0: must be >= 1"),
+    ("scheduler", "EulerDiscreteScheduler", "synthesize.scheduler = 'EulerDiscreteScheduler': must be 'dpm\\+\\+'"),
+    ("num_images", "many", "synthesize.num_images = 'many': must be a whole number"),
+    ("min_dino", "high", "synthesize.min_dino = 'high': must be a number"),
+    ("user_prompts", "a {} dancing", "synthesize.user_prompts = 'a {} dancing': must be a list"),
+    ("user_prompts", ["a {} dancing", "a sks toy singing"], r"synthesize.user_prompts\[1\] = .* exactly one '{}'"),
 ])
-def test_bad_params_are_one_line_errors(project, log, name, value, rule):
-    params = load_params(project / "params.yaml")
-    params["synthesize"][name] = value
+def test_bad_params_are_one_line_errors(project, name, value, rule):
+    edit_params(project, "synthesize", **{name: value})
     with pytest.raises(ProxytuneError, match=rule) as err:
-        synthesize.run(params, log, paths(project, "synthesize"))
+        load_params(project / "params.yaml")
     assert_one_line(err, f"synthesize.{name}")
-    assert not out_dir(project).exists()
