@@ -128,7 +128,6 @@ def read_or_heal(path: str | Path, load: Callable[[Path], T], what: str = "cache
         return None
 
 
-
 def canonical_safetensors(path: str | Path) -> None:
     """Rewrite a .safetensors file's header with its `__metadata__` keys sorted. safetensors keeps metadata in a
     Rust HashMap, so a file with several keys (diffusers' LoRA: format + adapter config) gets them in a random
