@@ -1,6 +1,7 @@
 """Pipeline plumbing: stages as cached Prefect tasks keyed like DVC, MLflow tracking, presets, run comparison
 and the multi-subject benchmark's tasks. Uses the ML library (`proxytune`) and `ar_models`; never the stages
 (`tasks/`), the flows or the test bed."""
+import logging
 import os
 from pathlib import Path
 
@@ -11,3 +12,9 @@ os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The temporary API server Prefect starts per process can be slow to come up on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# The library's own log lines (a stage resuming from its checkpoint, a cache entry healed) go to the console and to
+# the Prefect run's logs; outside a run they stay on the console.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "proxytune")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+if logging.getLogger("proxytune").level == logging.NOTSET:
+    logging.getLogger("proxytune").setLevel(logging.INFO)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from proxytune.io import atomic_write_text, cache_dir, sha256_json, sha256_tree
+from proxytune.io import atomic_write_text, cache_dir, read_or_heal, sha256_json, sha256_tree
 from proxytune.params import get
 
 _INTERP = re.compile(r"\$\{([^}]+)\}")
@@ -121,11 +121,8 @@ def write_stamp(stage: str, key: str, paths: dict[str, Path]) -> None:
 
 def outputs_current(stage: str, key: str, paths: dict[str, Path]) -> bool:
     """True when the outputs on disk are exactly those a run with this key produced."""
-    path = _stamp_path(stage, paths)
-    if not path.is_file():
-        return False
-    stamp = json.loads(path.read_text())
-    if stamp.get("key") != key:
+    stamp = read_or_heal(_stamp_path(stage, paths), lambda path: dict(json.loads(path.read_text())))
+    if stamp is None or stamp.get("key") != key:
         return False
     return all(p.exists() for p in _outputs(stage, paths)) and stamp.get("outputs") == _outputs_hash(stage, paths)
 

@@ -28,8 +28,8 @@ from PIL import Image
 
 from proxytune import schema
 from proxytune.diffusion import FLOW_FAMILIES, TEXTUAL_INVERSION_FILE, family_of, load_pipeline, sample
-from proxytune.images import to_tensor
-from proxytune.io import atomic_file, cache_dir, sha256_json, sha256_tree
+from proxytune.images import load_rgb, to_tensor
+from proxytune.io import atomic_file, cache_dir, canonical_safetensors, read_or_heal, sha256_json, sha256_tree
 from proxytune.params import ProxytuneError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -210,17 +210,19 @@ class DreamBoothLoRA:
                            "scheduler": cfg.scheduler})
         folder = cache_dir("class_images") / key[:20]
         files = [folder / f"{i:05d}.png" for i in range(cfg.num_class_images)]
-        missing = [i for i, f in enumerate(files) if not f.is_file()]
+        images = [read_or_heal(f, load_rgb) for f in files]
+        missing = [i for i, img in enumerate(images) if img is None]
         self.class_images_rendered = len(missing)
         for start in range(0, len(missing), cfg.class_batch_size):
             chunk = missing[start:start + cfg.class_batch_size]
-            images = sample(self.pipe, [cfg.class_prompt] * len(chunk), [cfg.seed * 100_000 + i for i in chunk],
-                            cfg.sample_steps, cfg.guidance_scale, resolution=self.resolution,
-                            batch_size=cfg.class_batch_size)
-            for i, img in zip(chunk, images):
+            rendered = sample(self.pipe, [cfg.class_prompt] * len(chunk), [cfg.seed * 100_000 + i for i in chunk],
+                              cfg.sample_steps, cfg.guidance_scale, resolution=self.resolution,
+                              batch_size=cfg.class_batch_size)
+            for i, img in zip(chunk, rendered):
                 with atomic_file(files[i]) as tmp:
                     img.save(tmp, format="PNG")
-        return [Image.open(f).convert("RGB") for f in files]
+                images[i] = img.convert("RGB")
+        return images
 
     def _add_pivotal_tokens(self) -> None:
         """New tokens replace the identifier in the captions; their embeddings start from the identifier's."""
@@ -459,10 +461,11 @@ class DreamBoothLoRA:
             # The adapter config (lora_alpha above all) goes in the file's metadata, as diffusers' training
             # scripts do; without it the loader assumes alpha == rank and rescales any other LoRA.
             config = modules[name].peft_config["default"].to_dict()
-            # a set in peft; sorted, the saved metadata does not depend on the process's hash seed
-            config["target_modules"] = sorted(config["target_modules"])
-            kwargs[f"{name}_lora_adapter_metadata"] = config
+            # sets in peft (target_modules); sorted, the saved metadata does not depend on the process's hash seed
+            kwargs[f"{name}_lora_adapter_metadata"] = {k: sorted(v) if isinstance(v, set) else v
+                                                       for k, v in config.items()}
         type(self.pipe).save_lora_weights(out_dir, safe_serialization=True, **kwargs)
+        canonical_safetensors(out_dir / LORA_FILE)
         if self.cfg.pivotal_tokens:
             from safetensors.torch import save_file
 

@@ -16,3 +16,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Tensor (B, 3, H, W) in [-1, 1] -> PIL images, rounded to the nearest 8-bit level."""
     arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def load_rgb(path) -> Image.Image:
+    """The image at `path` as RGB, decoded in full now: PIL decodes lazily, so a truncated file fails here,
+    inside a caller's check, not later in the middle of a batch."""
+    with Image.open(path) as img:
+        return img.convert("RGB")

@@ -4,14 +4,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 _CHUNK = 1 << 20
 _HASHES: dict[tuple, str] = {}
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -105,3 +108,39 @@ def cache_dir(kind: str) -> Path:
     path = Path(os.environ.get("PROXYTUNE_CACHE", Path.cwd() / ".proxytune" / "cache")) / kind
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def read_or_heal(path: str | Path, load: Callable[[Path], T], what: str = "cache entry") -> T | None:
+    """`load(path)`, or None when there is nothing usable there for the caller to recompute.
+
+    Cache entries are written atomically, yet a disk fault, a full disk under another writer or a hand edit can
+    still leave a torn one; a bad entry is logged by path and deleted, so the run heals it instead of crashing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except Exception as e:  # whatever the reader raises (OSError, SafetensorError, pickle, json...) means unreadable
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        logger.warning("%s %s is unreadable (%s); recomputing", what, path, reason)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def canonical_safetensors(path: str | Path) -> None:
+    """Rewrite a .safetensors file's header with its `__metadata__` keys sorted. safetensors keeps metadata in a
+    Rust HashMap, so a file with several keys (diffusers' LoRA: format + adapter config) gets them in a random
+    order per save: identical tensors, different bytes, and DVC would re-run every stage downstream."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if list(header.get("__metadata__") or {}) == sorted(header.get("__metadata__") or {}):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+        with atomic_file(path) as tmp, open(tmp, "wb") as out:
+            out.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(f, out, _CHUNK)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 
-from proxytune.io import atomic_file, sha256_file, sha256_tree
+from proxytune.io import atomic_file, read_or_heal, sha256_file, sha256_tree
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]  # what facebook/dino-vits16's preprocessor_config ships
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -83,7 +83,8 @@ class EmbeddingCache:
     Why: every evaluation re-embeds the same reference images and often unchanged
     generations; with the cache those cost a file read instead of a forward pass.
     One small safetensors file per embedding at `root/<model-hash>/<ab>/<image-sha>.safetensors`,
-    written to a temp file and renamed, so an interrupted run never leaves a torn entry.
+    written to a temp file and renamed, so an interrupted run never leaves a torn entry; an unreadable one
+    (a disk fault) is deleted and counts as a miss.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -96,12 +97,12 @@ class EmbeddingCache:
         return self.root / model_dir / key[:2] / f"{key}.safetensors"
 
     def get(self, model_id: str, key: str) -> torch.Tensor | None:
-        path = self._path(model_id, key)
-        if not path.is_file():
+        embedding = read_or_heal(self._path(model_id, key), lambda path: load_file(path)["embedding"])
+        if embedding is None:
             self.misses += 1
-            return None
-        self.hits += 1
-        return load_file(path)["embedding"]
+        else:
+            self.hits += 1
+        return embedding
 
     def put(self, model_id: str, key: str, embedding: torch.Tensor) -> None:
         tensor = embedding.detach().to("cpu", torch.float32).contiguous().clone()

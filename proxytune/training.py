@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 
-from proxytune.io import atomic_file, atomic_write_text
+from proxytune.io import atomic_file, atomic_write_text, read_or_heal
+
+logger = logging.getLogger(__name__)
 
 
 def recipe_state(recipe) -> dict:
@@ -47,9 +50,13 @@ class Checkpointer:
     def __init__(self, folder: Path, every: int):
         self.folder, self.every = Path(folder), int(every)
 
-    def latest(self) -> dict | None:
-        files = sorted(self.folder.glob("step-*.pt"))
-        return torch.load(files[-1], map_location="cpu", weights_only=True) if files else None
+    def latest(self) -> tuple[Path, dict] | None:
+        """The newest readable checkpoint and its path; an unreadable one is deleted (training redoes its steps)."""
+        for path in sorted(self.folder.glob("step-*.pt"), reverse=True):
+            state = read_or_heal(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), "checkpoint")
+            if state is not None:
+                return path, state
+        return None
 
     def save(self, step: int, state: dict) -> None:
         with atomic_file(self.folder / f"step-{step:07d}.pt") as tmp:
@@ -64,11 +71,14 @@ class Checkpointer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def train(recipe, steps: int, log, checkpoints: Checkpointer) -> list[dict]:
-    """Run `steps` train steps (resuming from the newest checkpoint); returns the per-step loss history."""
+def train(recipe, steps: int, log, checkpoints: Checkpointer, name: str = "training") -> list[dict]:
+    """Run `steps` train steps (resuming from the newest checkpoint); returns the per-step loss history.
+    `name` (the stage) is what the log line about a resume names, so a user sees why a run was quick."""
     history, start = [], 0
-    state = checkpoints.latest()
-    if state is not None:
+    found = checkpoints.latest()
+    if found is not None:
+        path, state = found
+        logger.info("resuming %s from step %d (checkpoint %s)", name, state["step"], path)
         load_recipe_state(recipe, state["recipe"])
         history, start = state["history"], state["step"]
     for step in range(start + 1, steps + 1):

@@ -115,6 +115,14 @@ class Recipe(ABC):
                           target_modules=modules)
         self.peft = get_peft_model(self.student, lora)  # wraps in place: the student's Linears gain lora_A/B
 
+    def _save_adapter(self, out_dir: Path) -> None:
+        """peft's adapter folder; peft writes its set of target modules in hash order, so it is sorted first and
+        identical weights give identical bytes."""
+        config = self.peft.peft_config["default"]
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
+        self.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
+
     def lora_modules(self, default_groups: list[str] | None = None) -> list[str]:
         groups = self.cfg.lora_groups or default_groups
         if groups:
@@ -187,7 +195,7 @@ class ProxyTuning(Recipe):
         return {"loss": loss}
 
     def save(self, out_dir: Path) -> list[str]:
-        self.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
+        self._save_adapter(out_dir)
         return [ADAPTER_DIR]
 
 
@@ -255,7 +263,7 @@ class TwoStage(Recipe):
         if self.cfg.stage2 == "none":
             return [IDENTIFIERS_FILE]
         if self.cfg.stage2 == "lora":
-            self.peft.save_pretrained(str(out_dir / ADAPTER_DIR))
+            self._save_adapter(out_dir)
             return [IDENTIFIERS_FILE, ADAPTER_DIR]
         save_tuned_weights(self.student, set(self.student.parameter_groups()["attn_qkv"]), out_dir)
         return [IDENTIFIERS_FILE, TUNED_WEIGHTS_FILE]
@@ -344,7 +352,7 @@ def write_card(out_dir: Path, cfg: TuneConfig, student_params: dict, files: list
     card = {"method": cfg.method, "family": student_params["family"], "files": files,
             "base": {k: v for k, v in student_params.items() if k in BASE_KEYS},
             "config": asdict(cfg), "params": student_params, "data": data, "final_loss": final_loss}
-    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
+    (out_dir / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
 
 
 # the params that identify the base model (paths and sizes), recorded in the card

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from ar_models import ARStudent, load_student
 from orchestration.cache import checkpoint_dir
 from orchestration.stage import stage_task
-from proxytune.images import to_pil, to_tensor
-from proxytune.io import atomic_dir, atomic_file, cache_dir, read_jsonl, sha256_file, sha256_json
+from proxytune.images import load_rgb, to_pil, to_tensor
+from proxytune.io import atomic_dir, atomic_file, cache_dir, read_jsonl, read_or_heal, sha256_file, sha256_json
 from proxytune.params import ProxytuneError, get
 from proxytune.training import Checkpointer, train, write_loss_csv
 from proxytune.tuning import TuneConfig, TuningData, build_recipe, write_card
@@ -31,10 +31,11 @@ def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str, i
     folder = cache_dir("codes") / (sha256_file(vq_checkpoint)[:16] + (f"-{image_size}" if image_size else ""))
     folder.mkdir(exist_ok=True)
     keys = [sha256_file(f) for f in files]
-    missing = [i for i, k in enumerate(keys) if not (folder / f"{k}.safetensors").is_file()]
+    codes = [read_or_heal(folder / f"{k}.safetensors", lambda path: load_file(str(path))["codes"]) for k in keys]
+    missing = [i for i, c in enumerate(codes) if c is None]
 
     def load(path):
-        img = Image.open(path).convert("RGB")
+        img = load_rgb(path)
         if image_size and img.size != (image_size, image_size):
             img = ImageOps.fit(img, (image_size, image_size), method=Image.Resampling.LANCZOS)
         return img
@@ -42,11 +43,12 @@ def tokenise_cached(student: ARStudent, files: list[Path], vq_checkpoint: str, i
     for start in range(0, len(missing), 16):
         chunk = missing[start:start + 16]
         with torch.inference_mode():
-            codes = student.encode_images(to_tensor([load(files[i]) for i in chunk]))
-        for i, c in zip(chunk, codes):
+            encoded = student.encode_images(to_tensor([load(files[i]) for i in chunk]))
+        for i, c in zip(chunk, encoded):
             with atomic_file(folder / f"{keys[i]}.safetensors") as tmp:
                 save_file({"codes": c.contiguous()}, str(tmp))
-    return torch.stack([load_file(str(folder / f"{k}.safetensors"))["codes"] for k in keys])
+            codes[i] = c.cpu().clone()  # a plain tensor, as loading gives
+    return torch.stack(codes)
 
 
 def augment(image: Image.Image, rng: random.Random) -> Image.Image:
@@ -71,7 +73,7 @@ def augmented_references(prepared: Path, rows: list[dict], copies: int, seed: in
         for c in range(copies):
             image = augment(source, rng)  # drawn even when cached, so the sequence never shifts
             path = folder / f"{Path(r['file']).stem}-{c:03d}.png"
-            if not path.is_file():
+            if read_or_heal(path, load_rgb) is None:
                 folder.mkdir(parents=True, exist_ok=True)
                 with atomic_file(path) as tmp:
                     image.save(tmp, format="PNG")
@@ -112,14 +114,16 @@ def prior_samples(student: ARStudent, s: dict, prompt: str, seed: int) -> list[P
     base = [sha256_file(s[k]) for k in ("checkpoint", "vq_checkpoint") if Path(str(s.get(k))).is_file()]
     folder = cache_dir("prior") / sha256_json([base, s["family"], s["size"], prompt, sampling, seed, count])[:16]
     files = [folder / f"{i:04d}.png" for i in range(count)]
-    if not all(f.is_file() for f in files):
-        folder.mkdir(parents=True, exist_ok=True)
-        for start in range(0, count, 8):
-            n = min(8, count - start)
-            with torch.inference_mode():
-                images = student.generate([prompt] * n, seed=seed * 100003 + start, **sampling)
-            for f, img in zip(files[start:start + n], to_pil(images)):
-                with atomic_file(f) as tmp:
+    missing = {i for i, f in enumerate(files) if read_or_heal(f, load_rgb) is None}
+    for start in range(0, count, 8):  # a batch of 8 shares a seed: one missing file re-renders its batch
+        n = min(8, count - start)
+        if missing.isdisjoint(range(start, start + n)):
+            continue
+        with torch.inference_mode():
+            images = student.generate([prompt] * n, seed=seed * 100003 + start, **sampling)
+        for i, img in zip(range(start, start + n), to_pil(images)):
+            if i in missing:
+                with atomic_file(files[i]) as tmp:
                     img.save(tmp, format="PNG")
     return files
 
@@ -164,7 +168,7 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
         raise ProxytuneError(f"params: student: {e}") from None
     total = cfg.steps + (cfg.embedding_steps if cfg.method == "two_stage" else 0)
     checkpoints = Checkpointer(checkpoint_dir("distill", params, paths), s["checkpoint_every"])
-    history = train(recipe, total, log, checkpoints)
+    history = train(recipe, total, log, checkpoints, "distill")
     out = paths["out"]
     with atomic_dir(out) as tmp:
         files = recipe.save(tmp)

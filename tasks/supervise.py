@@ -83,7 +83,7 @@ def train_lora(params: dict, log, paths: dict[str, Path], process=None) -> tuple
     with tempfile.TemporaryDirectory(prefix="proxytune-validation-") as validation:
         validation_every = s["validation_every"] if main else 0
         logger = ValidatingLogger(log, recipe, validation_every, Path(validation))
-        history = train(recipe, cfg.steps, logger, checkpoints)
+        history = train(recipe, cfg.steps, logger, checkpoints, "supervise")
     return recipe, history, checkpoints
 
 
