@@ -1,2 +1,2 @@
 """Prefect flows: wiring only."""
-import proxytune  # noqa: F401  (project-local Prefect settings, before any module imports prefect)
+import orchestration  # noqa: F401  (project-local Prefect settings, before any module imports prefect)
