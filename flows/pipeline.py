@@ -14,7 +14,7 @@ import sys
 from prefect import flow
 from prefect.states import Failed
 
-from orchestration.cache import stage_paths
+from orchestration.cache import check_path_params, stage_paths
 from orchestration.runlock import WAIT_ENV, run_lock
 from orchestration.stage import is_current, resolve_paths, written_places
 from proxytune.params import ProxytuneError, load_params
@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as hold:
         try:
             paths = _path_flags(parser, rest, args.stage)
-            load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
-            # and on a busy output: the flow takes these locks again (a process holds each once)
+            params = load_params(args.params)  # fail fast, before Prefect starts, on a bad params file,
+            for stage in args.stage or STAGES:  # a path param that names the wrong thing,
+                check_path_params(stage, params)
+            # and a busy output: the flow takes these locks again (a process holds each once)
             hold.enter_context(run_lock(written_places(args.stage or STAGES, args.under, paths), args.wait))
         except ProxytuneError as e:
             print(f"error: {e}", file=sys.stderr)
