@@ -10,6 +10,7 @@ aggregated into `outputs/benchmark/` and one MLflow run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from orchestration.benchmark import aggregate, is_current, run_subject, subject_params
+from orchestration.runlock import WAIT_ENV, run_lock
 from orchestration.stage import is_current as stage_is_current
-from orchestration.stage import resolve_paths
+from orchestration.stage import resolve_paths, written_places
 from proxytune.dreambench import load_dreambench
 from proxytune.params import ProxytuneError, load_params
 from tasks.bootstrap import bootstrap_task
@@ -28,12 +30,19 @@ OUT = "outputs/benchmark"
 
 @flow(name="proxytune-benchmark", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def benchmark(dataset: str, subjects: list[str] | None = None, params_file: str = "params.yaml",
-              out: str | None = None, under: str = ".") -> dict:
+              out: str | None = None, under: str = ".", wait: float | None = None) -> dict:
     """Run every subject (None: all under `dataset`), then aggregate those that succeeded. The data (bootstrap's
     models, `runs/<subject>/`, the report: `out`, default OUT) goes below `under`; the code is the cwd's project.
+    Another benchmark writing the same models or report stops this one, or is waited for up to `wait` seconds
+    (each subject's pipeline holds its own outputs).
 
     Returns the report's paths plus, per subject, whether it came from cache or failed (with the reason).
     """
+    with run_lock(_written(out, under), wait):
+        return _benchmark(dataset, subjects, params_file, out, under)
+
+
+def _benchmark(dataset: str, subjects: list[str] | None, params_file: str, out: str | None, under: str) -> dict:
     root, under = Path.cwd(), str(Path(under).resolve())
     base = load_params(params_file)
     chosen = load_dreambench(dataset, subjects)
@@ -59,6 +68,11 @@ def benchmark(dataset: str, subjects: list[str] | None = None, params_file: str 
                          for name, s in states.items()}}
 
 
+def _written(out: str | None, under: str) -> list[Path]:
+    """What the benchmark itself writes: bootstrap's models and the report."""
+    return [*written_places(["bootstrap"], under), Path(out or Path(under) / OUT)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=f"report folder (default: {OUT} below --under)")
     parser.add_argument("--under", default=".", help="keep the subjects' runs and the report below this folder")
     parser.add_argument("--workers", type=int, default=1, help="subjects run at once (default: 1)")
+    parser.add_argument("--wait", type=float, metavar="SECONDS",
+                        help=f"if another benchmark is writing the same models or report, wait up to SECONDS for "
+                             f"it (default: ${WAIT_ENV}, else stop at once)")
     args = parser.parse_args(argv)
-    try:
-        load_params(args.params)
-        load_dreambench(args.dataset, args.subject)
-    except ProxytuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    runner = benchmark.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, args.workers)))
-    state = runner(args.dataset, args.subject, args.params, args.out, args.under, return_state=True)
+    with contextlib.ExitStack() as hold:
+        try:
+            load_params(args.params)
+            load_dreambench(args.dataset, args.subject)
+            hold.enter_context(run_lock(_written(args.out, args.under), args.wait))  # before Prefect starts
+        except ProxytuneError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        runner = benchmark.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, args.workers)))
+        state = runner(args.dataset, args.subject, args.params, args.out, args.under, args.wait, return_state=True)
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 2

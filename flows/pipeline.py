@@ -8,13 +8,15 @@ with `--under DIR`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from prefect import flow
 from prefect.states import Failed
 
-from orchestration.cache import stage_paths
-from orchestration.stage import is_current, resolve_paths
+from orchestration.cache import check_path_params, stage_paths
+from orchestration.runlock import WAIT_ENV, run_lock
+from orchestration.stage import is_current, resolve_paths, written_places
 from proxytune.params import ProxytuneError, load_params
 from tasks.bootstrap import bootstrap_task
 from tasks.distill import distill_task
@@ -36,9 +38,10 @@ STAGES = list(TASKS)
 
 @flow(name="proxytune")
 def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None, under: str = ".",
-             paths: dict[str, str] | None = None) -> dict[str, dict]:
+             paths: dict[str, str] | None = None, wait: float | None = None) -> dict[str, dict]:
     """Run `stages` (None: all) in pipeline order, their data laid out as in dvc.yaml below `under`; `paths`
-    names a single stage's paths explicitly. A stage whose outputs are stale refreshes its cache.
+    names a single stage's paths explicitly. A stage whose outputs are stale refreshes its cache. Another run
+    writing the same outputs stops this one, or is waited for up to `wait` seconds (`runlock.wait_seconds`).
 
     Returns, per stage, its output paths and whether Prefect served it from cache.
     """
@@ -49,13 +52,14 @@ def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None, 
     if paths and len(chosen) != 1:
         raise ProxytuneError("explicit stage paths need exactly one --stage")
     results = {}
-    for stage in chosen:
-        where = {k: str(v) for k, v in resolve_paths(stage, paths, under).items()}
-        task = TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file, where))
-        state = task(params_file, where, return_state=True)
-        if state.is_failed():  # later stages read this one's outputs: stop here
-            return Failed(message=f"stage {stage} failed: {state.message}")
-        results[stage] = {"outputs": state.result(), "cached": state.name == "Cached"}
+    with run_lock(written_places(chosen, under, paths), wait):
+        for stage in chosen:
+            where = {k: str(v) for k, v in resolve_paths(stage, paths, under).items()}
+            task = TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file, where))
+            state = task(params_file, where, return_state=True)
+            if state.is_failed():  # later stages read this one's outputs: stop here
+                return Failed(message=f"stage {stage} failed: {state.message}")
+            results[stage] = {"outputs": state.result(), "cached": state.name == "Cached"}
     return results
 
 
@@ -64,14 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", action="append", choices=STAGES, help="run only this stage (repeatable)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--under", default=".", help="keep every stage's data below this folder (default: .)")
+    parser.add_argument("--wait", type=float, metavar="SECONDS",
+                        help=f"if another run is writing the same outputs, wait up to SECONDS for it "
+                             f"(default: ${WAIT_ENV}, else stop at once)")
     args, rest = parser.parse_known_args(argv)
-    try:
-        paths = _path_flags(parser, rest, args.stage)
-        load_params(args.params)  # fail fast, before Prefect starts, on a bad params file
-    except ProxytuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    state = pipeline(params_file=args.params, stages=args.stage, under=args.under, paths=paths, return_state=True)
+    with contextlib.ExitStack() as hold:
+        try:
+            paths = _path_flags(parser, rest, args.stage)
+            params = load_params(args.params)  # fail fast, before Prefect starts, on a bad params file,
+            for stage in args.stage or STAGES:  # a path param that names the wrong thing,
+                check_path_params(stage, params)
+            # and a busy output: the flow takes these locks again (a process holds each once)
+            hold.enter_context(run_lock(written_places(args.stage or STAGES, args.under, paths), args.wait))
+        except ProxytuneError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        state = pipeline(params_file=args.params, stages=args.stage, under=args.under, paths=paths,
+                         wait=args.wait, return_state=True)
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 2

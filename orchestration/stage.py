@@ -16,7 +16,15 @@ from prefect.states import Failed
 
 from ar_models import ModelConfigError
 from orchestration import tracking
-from orchestration.cache import outputs_current, path_arguments, stage_key, stage_paths, stage_spec, write_stamp
+from orchestration.cache import (
+    output_names,
+    outputs_current,
+    path_arguments,
+    stage_key,
+    stage_paths,
+    stage_spec,
+    write_stamp,
+)
 from proxytune.params import ProxytuneError, get, load_params
 
 RunFn = Callable[[dict, "tracking.StageLogger", dict[str, Path]], dict]
@@ -42,6 +50,12 @@ def resolve_paths(stage: str, given: dict[str, str | Path] | None = None, under:
         raise ProxytuneError(f"stage {stage}: unknown path argument(s) {', '.join(unknown)} "
                              f"(it takes: {', '.join(path_arguments(stage))})")
     return {**paths, **{name: Path(value) for name, value in (given or {}).items()}}
+
+
+def written_places(stages: list[str], under: str | Path = ".", given: dict[str, str | Path] | None = None) -> list[Path]:
+    """Where running `stages` writes (their dvc.yaml outs, metrics and plots): what a run's lock covers."""
+    return [path for stage in stages for name, path in resolve_paths(stage, given, under).items()
+            if name in output_names(stage)]
 
 
 def launched_stage_args(stage: str, argv: list[str] | None = None) -> tuple[str, dict[str, Path]]:

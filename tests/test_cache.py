@@ -7,12 +7,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, paths, write_params
+import yaml
+from conftest import FAST, REPO, assert_one_line, paths, write_params
 
 from orchestration import cache
 from orchestration.cache import outputs_current, stage_key, write_stamp
+from proxytune import io
 from proxytune.io import atomic_dir, cache_dir
-from proxytune.params import load_params
+from proxytune.params import ProxytuneError, load_params
 from testbed.demo import write_demo_subject
 
 STAGES = ["bootstrap", "prepare", "supervise", "synthesize", "distill", "evaluate"]
@@ -343,3 +345,67 @@ def test_atomic_dir_creates_missing_parents(tmp_path):
         (tmp / "f").write_text("x")
     assert (final / "f").read_text() == "x"
     assert _tmp_leftovers(final.parent) == []
+
+
+# ---------------------------------------------------------------- path params, checked before hashing
+
+
+@pytest.fixture
+def no_hashing(monkeypatch):
+    """Any content hash from here on fails the test: the checks must stop a bad path before hashing starts."""
+    def refuse(path, *args):
+        raise AssertionError(f"hashed {path}")
+
+    for module in (cache, io):
+        monkeypatch.setattr(module, "sha256_tree", refuse)
+    monkeypatch.setattr(io, "sha256_file", refuse)
+
+
+@pytest.mark.parametrize("stage, dotted, value", [
+    ("prepare", "subject.images", "/etc"),                      # hundreds of files
+    ("prepare", "subject.images", "/"),                         # the disk
+    ("prepare", "subject.images", "params.yaml"),               # a file
+    ("supervise", "subject.images", "models/tiny"),             # no photos
+    ("supervise", "supervisor.model", "/"),                     # no model_index.json / config.json
+    ("distill", "student.checkpoint", "params.yaml"),           # not a weights file
+    ("distill", "student.text_encoder", "data/demo_subject"),   # a folder, but not a model's
+    ("synthesize", "evaluate.dino", "/etc"),                    # via ${evaluate.dino} in synthesize's deps
+    ("evaluate", "evaluate.clip_config_dir", "models/tiny/llamagen"),  # no config files
+])
+def test_path_param_of_the_wrong_kind_fails_before_hashing(project, no_hashing, stage, dotted, value):
+    params = load_params(project / "params.yaml")
+    section, key = dotted.split(".")
+    params[section][key] = value if value.startswith("/") else str(project / value)
+    with pytest.raises(ProxytuneError) as err:
+        stage_key(stage, params, paths(project, stage))
+    assert_one_line(err, dotted, params[section][key])
+
+
+def test_cli_stops_on_a_bad_path_param_before_hashing(project, no_hashing, capsys):
+    from flows.pipeline import main
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["subject"]["images"] = "/etc"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert main(["--params", str(project / "params.yaml"), "--under", str(project), "--stage", "prepare"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: params: subject.images: '/etc' holds "), err
+
+
+def test_good_layouts_pass(project):
+    """The stand-in models have the layouts of the real ones: a file per weights, folders with their markers."""
+    params = load_params(project / "params.yaml")
+    for stage in STAGES:
+        cache.check_path_params(stage, params)
+
+
+def test_only_path_params_are_hashed(project):
+    """A text param that happens to name an existing folder is a value, not a dependency."""
+    notes = project / "notes"
+    notes.mkdir()
+    (notes / "a.txt").write_text("one")
+    params = load_params(project / "params.yaml")
+    params["supervisor"]["validation_prompt"] = str(notes)
+    before = stage_key("supervise", params, paths(project, "supervise"))
+    (notes / "a.txt").write_text("two")
+    assert stage_key("supervise", params, paths(project, "supervise")) == before

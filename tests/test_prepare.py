@@ -165,6 +165,49 @@ def test_odd_modes_become_rgb(project, log, tmp_path):
     assert np.abs(px(5) - (255, 255, 255)).max() <= 3            # 1-bit
 
 
+def gradient(mode: str, size=(96, 80)) -> Image.Image:
+    """A left-to-right ramp over the whole range of `mode` (0..1 for float)."""
+    ramp = np.tile(np.linspace(0, 1, size[0]), (size[1], 1))
+    if mode == "F":
+        return Image.fromarray(ramp.astype(np.float32), "F")
+    if mode == "I":
+        return Image.fromarray((ramp * 65535).astype(np.int32), "I")
+    big_endian = ">u2" if mode == "I;16B" else "<u2"
+    return Image.frombytes(mode, size, (ramp * 65535).astype(big_endian).tobytes())
+
+
+@pytest.mark.parametrize("mode, ext", [("I;16", "png"), ("I;16B", "tif"), ("I", "tif"), ("F", "tif")])
+def test_high_bit_depth_greyscale_keeps_its_tones(tmp_path, mode, ext):
+    """16-bit and float photos are scaled to 8 bits by their range, not clipped to white."""
+    path = tmp_path / f"ramp.{ext}"
+    gradient(mode).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode == mode, "fixture assumption: the file keeps its mode"
+    grey = np.asarray(prepare.load_reference(path, 16), dtype=float)[..., 0]
+    row = grey[40]
+    assert row[0] <= 2 and row[-1] >= 253, (row[0], row[-1])
+    assert np.all(np.diff(row) >= 0), "the ramp still rises left to right"
+    assert abs(grey.mean() - 127.5) < 3, grey.mean()
+
+
+def test_identical_photos_warn_naming_them(project, log, tmp_path, caplog):
+    folder = tmp_path / "refs"
+    write_good(folder, 2)
+    (folder / "copy.jpg").write_bytes((folder / "good0.jpg").read_bytes())
+    with caplog.at_level("WARNING"):
+        run_prepare(use_folder(load_params(project / "params.yaml"), folder), log, project)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "copy.jpg, good0.jpg" in warned[0] and "good1.jpg" not in warned[0], warned
+    assert len(read_jsonl(out_of(project) / "captions.jsonl")) == 3, "a warning, not an error"
+
+
+def test_different_photos_do_not_warn(project, log, tmp_path, caplog):
+    write_good(tmp_path / "refs", 3)
+    with caplog.at_level("WARNING"):
+        run_prepare(use_folder(load_params(project / "params.yaml"), tmp_path / "refs"), log, project)
+    assert not [r for r in caplog.records if "identical" in r.getMessage()]
+
+
 # ---------------------------------------------------------------- bad input
 
 
