@@ -53,9 +53,11 @@ def test_four_subjects_run_cache_and_survive_a_failing_one(project, tmp_path, mo
     assert set(table.loc[table["subject"] == "dog", "prompt"]) == {"a sks dog in the jungle"}
     assert set(table["clip_text"]) == {f"a {s} in the jungle" for s in SUBJECTS}
     assert (table["images"] == 2).all()
-    summary = pd.read_csv(out / "aggregate.csv").set_index("method")
+    # float64 written with repr and read back with the round-trip parser: the very values in memory
+    summary = pd.read_csv(out / "aggregate.csv", float_precision="round_trip").set_index("method")
     assert list(summary.index) == ["student", "supervisor", "student - supervisor"]
-    assert summary.loc["student - supervisor", "dino"] == pytest.approx(
+    # the delta row is the same float64 subtraction of the same values: exactly equal
+    assert summary.loc["student - supervisor", "dino"] == (
         summary.loc["student", "dino"] - summary.loc["supervisor", "dino"])
     assert summary[["dino", "clip_i", "clip_t", "pres"]].abs().le(1).all().all()
     assert (out / "aggregate.md").read_text().startswith("| Method | DINO | CLIP-I | CLIP-T | PRES |")
@@ -65,7 +67,8 @@ def test_four_subjects_run_cache_and_survive_a_failing_one(project, tmp_path, mo
     runs = mlflow.search_runs(experiment_names=["proxytune"], filter_string="tags.`proxytune.benchmark` = 'true'",
                               output_format="list")
     assert len(runs) == 1 and runs[0].data.tags["failed"] == "dog2"
-    assert runs[0].data.metrics["delta.dino"] == pytest.approx(summary.loc["student - supervisor", "dino"])
+    # MLflow's SQL store keeps metrics as float64 (Float(precision=53)): the same value as the CSV's
+    assert runs[0].data.metrics["delta.dino"] == summary.loc["student - supervisor", "dino"]
     assert "dog.student.clip_t" in runs[0].data.metrics
 
     # Nothing changed: every subject comes from Prefect's cache; nothing is re-embedded.

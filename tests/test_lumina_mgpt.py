@@ -6,6 +6,7 @@ import torch
 import yaml
 from conftest import assert_one_line
 from safetensors.torch import load_file, save_file
+from tolerances import chain_tol, network_terms
 
 from ar_models import ModelConfigError, load_student
 from ar_models.base import insert_prefix
@@ -106,7 +107,7 @@ def test_released_sizes_match_transformers_chameleon_defaults():
 def test_loaded_replica_equals_the_model_that_wrote_it(student, codes):
     decoder, vq, tokenizer = tiny_lumina_mgpt_components(CORPUS, seed=0, image_size=SIZE)
     memory = LuminaMGPTStudent(decoder, vq, tokenizer, SIZE, max_prompt_tokens=PROMPT_SLOTS)
-    with torch.no_grad():
+    with torch.no_grad():  # same weights, same kernels, same shapes: bit for bit
         cond = student.encode_prompts(PROMPTS)
         assert torch.equal(memory.encode_prompts(PROMPTS).features, cond.features)
         assert torch.equal(memory.logits(cond, codes), student.logits(cond, codes))
@@ -135,7 +136,9 @@ def test_logits_follow_lumina_token_layout(student, codes):
                 hidden = student.decoder.model(input_ids=ids).last_hidden_state[0]
                 ref = student.decoder.lm_head(hidden)[:, student.image_ids]
             at = torch.tensor([len(prefix) + 2 + r * 5 + c for r in range(4) for c in range(4)])
-            torch.testing.assert_close(got, ref[at], rtol=1e-4, atol=1e-5)
+            # one unbatched sequence vs the batched, left-padded CFG layout: other kernels through the decoder
+            atol = chain_tol(torch.float32, network_terms(student.decoder), ref[at].abs().max().item())
+            torch.testing.assert_close(got, ref[at], rtol=0, atol=atol)
     assert not torch.allclose(ours, uncond)
 
 
@@ -296,7 +299,7 @@ def test_identifier_tokens_and_prefix_features(paths, codes):
     assert student.add_identifier_tokens(["<sks>"]) == ids[:1]  # reused, table unchanged
     table = student.text_embedding.weight
     dog = student.tokenizer("dog", add_special_tokens=False)["input_ids"]
-    torch.testing.assert_close(table[ids[0]], table[dog].mean(0))
+    assert torch.equal(table[ids[0]], table[dog].mean(0))  # the initialisation's own op on the same rows: exact
     row = student.tokenizer(["a <sks> dog"], add_special_tokens=False)["input_ids"][0]
     assert ids[0] in row
     student.loss(student.encode_prompts(["a <sks> dog", "a photo of a dog"]), codes).backward()
@@ -337,4 +340,5 @@ def test_parameter_groups_and_lora_targets(student, codes):
     assert {n for g in copy.parameter_groups().values() for n in g} >= {
         "decoder.model.layers.0.self_attn.q_proj.base_layer.weight"}
     with torch.no_grad():
-        torch.testing.assert_close(copy.logits(cond, codes), before)  # LoRA B starts at 0
+        # LoRA B starts at 0: each wrapped layer adds exact zeros to the same base kernel's output
+        assert torch.equal(copy.logits(cond, codes), before)

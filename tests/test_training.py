@@ -61,6 +61,7 @@ def test_interrupted_run_resumes_exactly(synthesized, stage, caplog):
     assert [step for _, step in resumed_log.logged if step is not None] == [5, 6]
     resumed = load_file(weights)
     assert resumed.keys() == uninterrupted.keys()
+    # the same steps with the same kernels and shapes, resumed from exact state: bit for bit
     assert all((resumed[k] == uninterrupted[k]).all() for k in resumed)
     assert not checkpoint_dir(stage, params, where).exists()  # cleared once the stage succeeded
 

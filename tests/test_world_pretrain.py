@@ -134,7 +134,7 @@ def test_same_seed_same_weights(trained, dataset, tmp_path, name):
     again = RUNS[name](dataset, tmp_path / name)
     assert [r["loss"] for r in again] == [r["loss"] for r in history]
     a, b = _weights(name, out), _weights(name, tmp_path / name)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, kernels, shapes
     if name == "supervisor":
         config = json.loads((tmp_path / name / "vae" / "config.json").read_text())
         assert config["scaling_factor"] == json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
