@@ -13,7 +13,7 @@ COMMANDS = {
     "benchmark": ("flows.benchmark", "run many DreamBench subjects and aggregate one table"),
     "compare": ("orchestration.compare", "tabulate MLflow runs side by side (CSV, markdown, chart)"),
     "presets": ("orchestration.presets", "list presets, or apply them to params.yaml"),
-    "params": ("proxytune.schema", "every parameter's type, rule, default and meaning; --check FILE validates"),
+    "params": ("proxytune.params", "every parameter's type, rule, default and meaning; --check FILE validates"),
     "summary": ("orchestration.summary", "print where the last run's outputs are and its headline metrics"),
     "serve": ("flows.serve", "register the Prefect deployments and serve them"),
 }

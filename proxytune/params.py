@@ -1,7 +1,9 @@
 """Reading and checking `params.yaml`: every bad value stops with one line naming the parameter."""
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +74,30 @@ def model_source(params: dict, dotted: str) -> str:
     if HUB_ID.match(value) and value.split("/")[0] not in PROJECT_FOLDERS:
         return value
     raise ProxytuneError(f"params: {dotted}: {value!r} is neither an existing local path nor a hub id")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`proxytune params`: the schema as documentation, or `--check FILE` listing every violation."""
+    from proxytune import schema
+
+    parser = argparse.ArgumentParser(prog="proxytune params", description="Print every parameter of params.yaml "
+                                     "(type, rule, default, meaning), or check a params file.")
+    parser.add_argument("--check", metavar="FILE", help="validate FILE; print every violation, one per line")
+    args = parser.parse_args(argv)
+    if args.check is None:
+        print("\n".join(schema.describe()).lstrip("\n"))
+        return 0
+    try:
+        schema.validate(read_params(args.check))
+    except ProxytuneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        print("\n".join(f"error: {args.check}: {line}" for line in schema.problems(e)), file=sys.stderr)
+        return 2
+    print(f"{args.check}: ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,9 +7,7 @@ Validation is strict: text where a number goes is an error, not a guess; only a 
 """
 from __future__ import annotations
 
-import argparse
 import re
-import sys
 import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, Optional
@@ -380,29 +378,3 @@ def describe(model: type[BaseModel] = Params, where: str = "") -> list[str]:
         default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
         lines.append(f"  {key:<36} {type_rule(info.annotation, info.metadata)}; {default}. {info.description or ''}")
     return lines
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="proxytune params", description="Print every parameter of params.yaml "
-                                     "(type, rule, default, meaning), or check a params file.")
-    parser.add_argument("--check", metavar="FILE", help="validate FILE; print every violation, one per line")
-    args = parser.parse_args(argv)
-    if args.check is None:
-        print("\n".join(describe()).lstrip("\n"))
-        return 0
-    from proxytune.params import ProxytuneError, read_params
-
-    try:
-        validate(read_params(args.check))
-    except ProxytuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValidationError as e:
-        print("\n".join(f"error: {args.check}: {line}" for line in problems(e)), file=sys.stderr)
-        return 2
-    print(f"{args.check}: ok")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

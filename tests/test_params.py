@@ -12,6 +12,7 @@ from conftest import assert_one_line
 
 from proxytune import schema
 from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
+from proxytune.params import main as params_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -268,7 +269,7 @@ def test_cross_field_rules_name_the_key(tmp_path, repo_params, section, values, 
 
 
 def test_params_command_documents_every_parameter(capsys, repo_params):
-    assert schema.main([]) == 0
+    assert params_cli([]) == 0
     out = capsys.readouterr().out
     for key in ("seed", "supervisor.steps", "student.two_stage.stage2", "student.arbooth.scale_weights.late"):
         assert f"  {key} " in out
@@ -285,15 +286,15 @@ def test_params_command_documents_every_parameter(capsys, repo_params):
 def test_params_check_lists_every_violation(tmp_path, repo_params, capsys):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(repo_params))
-    assert schema.main(["--check", str(path)]) == 0
+    assert params_cli(["--check", str(path)]) == 0
     assert "ok" in capsys.readouterr().out
     repo_params["student"].update(steps="thirty", batch_size=0)
     path.write_text(yaml.safe_dump(repo_params))
-    assert schema.main(["--check", str(path)]) == 2
+    assert params_cli(["--check", str(path)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == [f"error: {path}: params: student.steps = 'thirty': must be a whole number",
                    f"error: {path}: params: student.batch_size = 0: must be >= 1"]
-    assert schema.main(["--check", str(tmp_path / "none.yaml")]) == 2
+    assert params_cli(["--check", str(tmp_path / "none.yaml")]) == 2
     assert "params file not found" in capsys.readouterr().err
 
 
