@@ -8,6 +8,7 @@ only reused while the outputs on disk are still the ones that run produced.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -42,9 +43,15 @@ MODEL_MARKERS = ("model_index.json", "config.json", "tokenizer_config.json")  # 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 
 
+@functools.lru_cache(maxsize=8)
+def _dvc_stages(path: Path, mtime_ns: int) -> dict:
+    """dvc.yaml's stages, parsed once per version of the file (a stage key reads them several times)."""
+    return yaml.safe_load(path.read_text())["stages"]
+
+
 def stage_spec(stage: str, project: Path | None = None) -> dict:
-    project = project or Path.cwd()
-    spec = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    path = (project or Path.cwd()) / "dvc.yaml"
+    spec = _dvc_stages(path, path.stat().st_mtime_ns)
     if stage not in spec:
         raise KeyError(f"dvc.yaml has no stage {stage!r}")
     return spec[stage]

@@ -21,11 +21,15 @@ def class_prompt(params: dict) -> str:
 
 def student_samples(params: dict, prompts: list[str], distilled: Path) -> list[Image.Image]:
     """The tuned student (base weights + the artifacts in `distilled`, whatever the method) draws `prompts`."""
-    e = params["evaluate"]
     tuned = load_tuned(distilled, params["student"])
-    images = tuned.generate(prompts, cfg_scale=float(e["cfg_scale"]), temperature=float(e["temperature"]),
-                            top_k=int(e["top_k"]), top_p=float(e["top_p"]), seed=int(params["seed"]))
-    return to_pil(images)
+    return to_pil(tuned.generate(prompts, **student_sampling(params)))
+
+
+def student_sampling(params: dict) -> dict:
+    """The `generate` settings every evaluated student draws with (`evaluate.*` and the run's seed)."""
+    e = params["evaluate"]
+    return {"cfg_scale": float(e["cfg_scale"]), "temperature": float(e["temperature"]), "top_k": int(e["top_k"]),
+            "top_p": float(e["top_p"]), "seed": int(params["seed"])}
 
 
 def supervisor_samples(params: dict, prompts: list[str], lora_dir: Path) -> list[Image.Image]:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from proxytune import metrics, reports
-from proxytune.evaluation import class_prompt, load_evaluators, supervisor_samples
+from proxytune.evaluation import class_prompt, load_evaluators, student_sampling, supervisor_samples
 from proxytune.images import to_pil
 from proxytune.io import read_jsonl
 from proxytune.prompts import EVAL_PROMPTS
@@ -98,12 +98,6 @@ def subject_params(base: dict, index: int, seed: int, work: Path) -> dict:
     return params
 
 
-def _sampling(params: dict) -> dict:
-    e = params["evaluate"]
-    return {"cfg_scale": float(e["cfg_scale"]), "temperature": float(e["temperature"]), "top_k": int(e["top_k"]),
-            "top_p": float(e["top_p"]), "seed": int(params["seed"])}
-
-
 def _drawer(arm: str, params: dict, subject: world.Spec, lora_dir: Path, distilled: Path):
     """`draw(prompts, templates)` for `arm`, its model loaded once (distill has already run for tuned arms)."""
     from ar_models import load_student
@@ -118,7 +112,7 @@ def _drawer(arm: str, params: dict, subject: world.Spec, lora_dir: Path, distill
 
     def draw(prompts, templates):
         with torch.inference_mode():
-            return to_pil(model.generate(prompts, **_sampling(params)))
+            return to_pil(model.generate(prompts, **student_sampling(params)))
 
     return draw
 
