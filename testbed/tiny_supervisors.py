@@ -90,11 +90,11 @@ def train_t5_tokenizer(corpus: list[str], vocab_size: int = 200, max_length: int
                        extra_ids=0, model_max_length=max_length)
 
 
-def _clip_text(tokenizer, with_projection: bool, hidden: int = 32, projection: int = 32):
+def _clip_text(tokenizer, with_projection: bool, hidden: int = 32, projection: int = 32, layers: int = 2):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=77, projection_dim=projection,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -111,7 +111,7 @@ def _t5_encoder(tokenizer, d_model: int = 32):
     ))
 
 
-def _vae(image_size: int, flow: bool):
+def _vae(image_size: int, flow: bool, channels: tuple[int, ...] = (16, 32, 32)):
     """SD-style KL autoencoder, 4x downsampling; the flow families' VAE has a shift and no quant convs."""
     from diffusers import AutoencoderKL
 
@@ -120,7 +120,7 @@ def _vae(image_size: int, flow: bool):
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=image_size,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, **extra,
+        block_out_channels=channels, layers_per_block=1, norm_num_groups=8, **extra,
     )
 
 
@@ -131,22 +131,34 @@ def _ddpm(prediction_type: str = "epsilon"):
                          num_train_timesteps=1000, clip_sample=False, steps_offset=1, prediction_type=prediction_type)
 
 
-def _sd(corpus, image_size, prediction_type="epsilon"):
+# SD1.5-family widths: `tiny` for the random-init replicas, `world` for the supervisor pretrained on the world
+# (a UNet of 6M parameters, a text tower wide enough to carry the captions, a VAE that reconstructs as well as
+# the student's VQ).
+SD_SIZES = {
+    "tiny": dict(text_hidden=32, text_layers=2, unet=(32, 64), unet_layers=1, vae=(16, 32, 32)),
+    "world": dict(text_hidden=64, text_layers=3, unet=(64, 128), unet_layers=2, vae=(32, 64, 64)),
+}
+
+
+def _sd(corpus, image_size, prediction_type="epsilon", size="tiny"):
     """SD1.5 (eps) or SD2 (v-prediction, linear projections in the transformer blocks)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+    widths = SD_SIZES[size]
     tokenizer = train_clip_tokenizer(corpus)
-    text_encoder = _clip_text(tokenizer, with_projection=False)
+    text_encoder = _clip_text(tokenizer, with_projection=False, hidden=widths["text_hidden"],
+                              layers=widths["text_layers"])
     unet = UNet2DConditionModel(
-        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        sample_size=image_size // 4, in_channels=4, out_channels=4, layers_per_block=widths["unet_layers"],
+        block_out_channels=widths["unet"], norm_num_groups=8, cross_attention_dim=widths["text_hidden"],
+        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         use_linear_projection=prediction_type == "v_prediction",
     )
     return StableDiffusionPipeline(
-        vae=_vae(image_size, flow=False), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=_ddpm(prediction_type), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=_vae(image_size, flow=False, channels=widths["vae"]), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=unet, scheduler=_ddpm(prediction_type), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
@@ -222,6 +234,14 @@ def build_tiny_pipeline(family: str, out_dir: str | Path, corpus: list[str], see
     return out_dir
 
 
-def build_tiny_supervisor(out_dir: str | Path, corpus: list[str], seed: int = 0, image_size: int = 64) -> Path:
-    """The embedded default supervisor: a StableDiffusionPipeline (SD1.5 family: UNet, eps-prediction)."""
-    return build_tiny_pipeline("sd", out_dir, corpus, seed=seed, image_size=image_size)
+def build_tiny_supervisor(out_dir: str | Path, corpus: list[str], seed: int = 0, image_size: int = 64,
+                          size: str = "tiny") -> Path:
+    """The embedded default supervisor: a StableDiffusionPipeline (SD1.5 family: UNet, eps-prediction) at one of
+    SD_SIZES."""
+    if size not in SD_SIZES:
+        raise ValueError(f"unknown supervisor size {size!r} (known: {', '.join(SD_SIZES)})")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        torch.manual_seed(seed)
+        _sd(corpus, image_size, size=size).save_pretrained(str(tmp), safe_serialization=True)
+    return out_dir

@@ -625,25 +625,70 @@ def make_subject(index: int, seed: int = 0) -> Spec:
     return Spec(class_noun, colour, pattern, accents[_rng(seed, "subject", index).integers(len(accents))])
 
 
-def pretraining_specs(n: int, seed: int) -> list[Spec]:
-    """`n` specs from the pretraining distribution: every class, colour, pattern, scene, accessory and property,
-    mixed freely, except the subjects' reserved instances (as drawn, so a "red" property cannot sneak one in)."""
-    rng = _rng(seed, "pretraining")
+def _pretraining_spec(rng: np.random.Generator) -> Spec:
+    """One spec from the pretraining distribution (it may be a reserved instance: callers reject those)."""
+    colour = tuple(COLOURS)[rng.integers(len(COLOURS))]
+    pattern = PATTERNS[rng.choice(len(PATTERNS), p=[0.4, 0.2, 0.2, 0.2])]
+    accents = _accents(colour)
+    return Spec(
+        class_noun=CLASSES[rng.integers(len(CLASSES))], colour=colour, pattern=pattern,
+        accent=None if pattern == "plain" else accents[rng.integers(len(accents))],
+        scene=SCENE_NAMES[rng.integers(len(SCENE_NAMES))] if rng.random() < 0.8 else None,
+        accessory=ACCESSORY_NAMES[rng.integers(len(ACCESSORY_NAMES))] if rng.random() < 0.25 else None,
+        property=PROPERTY_NAMES[rng.integers(len(PROPERTY_NAMES))] if rng.random() < 0.2 else None,
+    )
+
+
+def _allowed_specs(rng: np.random.Generator, n: int) -> list[Spec]:
     reserved, specs = set(SUBJECT_COMBOS), []
     while len(specs) < n:
-        colour = tuple(COLOURS)[rng.integers(len(COLOURS))]
-        pattern = PATTERNS[rng.choice(len(PATTERNS), p=[0.4, 0.2, 0.2, 0.2])]
-        accents = _accents(colour)
-        spec = Spec(
-            class_noun=CLASSES[rng.integers(len(CLASSES))], colour=colour, pattern=pattern,
-            accent=None if pattern == "plain" else accents[rng.integers(len(accents))],
-            scene=SCENE_NAMES[rng.integers(len(SCENE_NAMES))] if rng.random() < 0.8 else None,
-            accessory=ACCESSORY_NAMES[rng.integers(len(ACCESSORY_NAMES))] if rng.random() < 0.25 else None,
-            property=PROPERTY_NAMES[rng.integers(len(PROPERTY_NAMES))] if rng.random() < 0.2 else None,
-        )
+        spec = _pretraining_spec(rng)
         if spec.combo() not in reserved:
             specs.append(spec)
     return specs
+
+
+def pretraining_specs(n: int, seed: int) -> list[Spec]:
+    """`n` specs from the pretraining distribution: every class, colour, pattern, scene, accessory and property,
+    mixed freely, except the subjects' reserved instances (as drawn, so a "red" property cannot sneak one in)."""
+    return _allowed_specs(_rng(seed, "pretraining"), n)
+
+
+def partial_caption(spec: Spec, rng: np.random.Generator) -> str:
+    """A caption that names only some of what the image shows: the class always; the look (colours and pattern)
+    in full, by colour alone, by pattern alone or not at all; accessory, scene and property each kept with
+    probability 1/2. Prompts such as "a toy on top of pink fabric" say no colour: models trained on full
+    captions only never saw one."""
+    colour, accent = spec.look()
+    look = [f"{colour} and {accent} {spec.pattern}" if spec.pattern != "plain" else colour, colour,
+            None if spec.pattern == "plain" else spec.pattern, None][rng.integers(4)]
+    prop = None if spec.property in COLOUR_PROPERTIES else spec.property
+    keep = rng.random(3) < 0.5
+    words = ("a", prop if keep[0] else None, look, spec.class_noun, spec.accessory if keep[1] else None,
+             spec.scene if keep[2] else None)
+    return " ".join(w for w in words if w)
+
+
+class WorldStream:
+    """Fresh pretraining renders for every training step: batch `step` is a pure function of (seed, purpose,
+    step), so training never sees an image twice (a fixed set of a few thousand overfits the student) and the
+    same seed still gives the same weights. `purpose` names an independent stream: models that must not share
+    data (the supervisor's text encoder and the evaluator CLIP) draw from different ones. A fraction
+    `partial_captions` of the captions are `partial_caption`s, the rest full ones."""
+
+    def __init__(self, seed: int, purpose: str, size: int = 32, partial_captions: float = 0.5):
+        if not 0.0 <= partial_captions <= 1.0:
+            raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions!r}")
+        self.seed, self.purpose, self.size, self.partial_captions = seed, purpose, size, partial_captions
+
+    def batch(self, step: int, n: int) -> tuple[np.ndarray, list[str], list[Spec]]:
+        """(uint8 images (n, size, size, 3), captions, specs) of training step `step`."""
+        rng = _rng(self.seed, self.purpose, step)
+        specs = _allowed_specs(rng, n)
+        image_seeds = rng.integers(0, 2**31, n)
+        images = np.stack([np.asarray(render(s, int(i), self.size)) for s, i in zip(specs, image_seeds)])
+        captions = [partial_caption(s, rng) if rng.random() < self.partial_captions else caption(s) for s in specs]
+        return images, captions, specs
 
 
 def _image_seeds(n: int, seed: int, purpose: str) -> list[int]:
