@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from proxytune.io import atomic_dir, write_jsonl
+from proxytune.io import atomic_dir
 from proxytune.prompts import ACCESSORIES, PROPERTIES, RECONTEXT
 
 SS = 4  # supersampling factor: shapes are drawn at SS x size, then box-averaged down
@@ -714,22 +714,6 @@ def subject_references(subject: Spec, n: int = 4, seed: int = 0, out_dir: str | 
         for i, s in enumerate(reference_seeds(n, seed)):
             render(reference_spec(subject), s, size).save(tmp / f"{i:02d}.jpg", quality=95)
     return [out_dir / f"{i:02d}.jpg" for i in range(n)]
-
-
-def write_dataset(out_dir: str | Path, n: int, seed: int, size: int = 64) -> Path:
-    """Write `n` pretraining images (`images/00000.png`...) and `captions.jsonl` (file, caption, seed and the
-    spec's fields) into `out_dir`, atomically; the same arguments give byte-identical files."""
-    out_dir = Path(out_dir)
-    specs = pretraining_specs(n, seed)
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "images").mkdir()
-        rows = []
-        for i, (spec, s) in enumerate(zip(specs, _image_seeds(n, seed, "images"))):
-            rel = f"images/{i:05d}.png"
-            render(spec, s, size).save(tmp / rel)
-            rows.append({"file": rel, "caption": caption(spec), "seed": s, **asdict(spec)})
-        write_jsonl(tmp / "captions.jsonl", rows)
-    return out_dir
 
 
 def scene_separation(size: int = 32, seeds: tuple[int, ...] = (0, 1, 2), grid: int = 4):

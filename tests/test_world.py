@@ -12,7 +12,7 @@ import pytest
 from conftest import paths
 from PIL import Image
 
-from proxytune.io import read_jsonl, sha256_tree
+from proxytune.io import read_jsonl
 from proxytune.prompts import EVAL_PROMPTS, PROXY_BANK
 from testbed import world
 from testbed.world import Spec, apply_template, caption, render
@@ -57,24 +57,40 @@ def test_render_does_not_depend_on_the_process():
     assert out.stdout.strip() == here.hexdigest()
 
 
-def test_write_dataset_is_byte_identical_for_a_seed(tmp_path):
-    a = world.write_dataset(tmp_path / "a", n=12, seed=5, size=32)
-    b = world.write_dataset(tmp_path / "b", n=12, seed=5, size=32)
-    c = world.write_dataset(tmp_path / "c", n=12, seed=6, size=32)
-    assert sha256_tree(a) == sha256_tree(b)
-    assert sha256_tree(a) != sha256_tree(c)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no temp folders left behind
+def test_stream_batches_are_pure_functions_of_seed_purpose_and_step():
+    stream = world.WorldStream(5, "gpt", size=32)
+    images, captions, specs = stream.batch(3, 12)
+    again = world.WorldStream(5, "gpt", size=32).batch(3, 12)
+    assert images.dtype == np.uint8 and images.shape == (12, 32, 32, 3)
+    assert np.array_equal(images, again[0]) and captions == again[1] and specs == again[2]
+    for other in (world.WorldStream(5, "gpt", 32).batch(4, 12), world.WorldStream(5, "vq", 32).batch(3, 12),
+                  world.WorldStream(6, "gpt", 32).batch(3, 12)):
+        assert not np.array_equal(images, other[0])
+    reserved = set(world.SUBJECT_COMBOS)
+    assert not any(s.combo() in reserved for s in specs)
 
-    rows = read_jsonl(a / "captions.jsonl")
-    assert [r["file"] for r in rows] == [f"images/{i:05d}.png" for i in range(12)]
-    assert sorted(p.name for p in (a / "images").iterdir()) == [f"{i:05d}.png" for i in range(12)]
-    for row in rows:
-        spec = Spec(**{k: row[k] for k in ("class_noun", "colour", "pattern", "accent", "scene", "accessory",
-                                           "property")})
-        assert row["caption"] == caption(spec)
-        with Image.open(a / row["file"]) as img:
-            assert img.format == "PNG" and img.mode == "RGB" and img.size == (32, 32)
-            assert img.tobytes() == render(spec, row["seed"], 32).tobytes()
+
+def test_stream_mixes_full_and_partial_captions():
+    specs_captions = [(s, c) for step in range(8) for _, cs, ss in [world.WorldStream(0, "x", 32).batch(step, 32)]
+                      for s, c in zip(ss, cs)]
+    full = sum(c == caption(s) for s, c in specs_captions) / len(specs_captions)
+    assert 0.4 < full < 0.8  # half are full captions, and some partial ones happen to be full
+    assert all(s.class_noun in c.split() for s, c in specs_captions)
+    only_full = world.WorldStream(0, "x", 32, partial_captions=0.0).batch(0, 16)
+    assert only_full[1] == [caption(s) for s in only_full[2]]
+    with pytest.raises(ValueError, match="partial_captions"):
+        world.WorldStream(0, "x", 32, partial_captions=1.5)
+
+
+def test_partial_captions_name_the_class_and_a_subset_of_what_is_drawn():
+    spec = Spec("ball", "red", "striped", "white", scene="on the beach", accessory="wearing a red hat",
+                property="shiny")
+    rng = np.random.default_rng(0)
+    seen = {world.partial_caption(spec, rng) for _ in range(400)}
+    full_words = set(caption(spec).split())
+    assert all(set(c.split()) <= full_words and "ball" in c.split() for c in seen)
+    assert "a ball" in seen and "a ball on the beach" in seen and "a red ball" in seen and "a striped ball" in seen
+    assert caption(spec) in seen
 
 
 # ---------------------------------------------------------------- captions and prompts

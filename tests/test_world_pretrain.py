@@ -1,5 +1,5 @@
 """Pretraining the tiny models on the world: each trains (its fixed-batch loss falls), is saved in the format the
-pipeline's own loaders read, and is a pure function of (dataset, steps, seed)."""
+pipeline's own loaders read, and is a pure function of (steps, seed)."""
 from __future__ import annotations
 
 import json
@@ -19,24 +19,26 @@ from testbed.tiny_evaluators import TINY_CLIP_NAME
 SIZE = 32
 # Small budgets: a few seconds each on one CPU thread, enough for the fixed-batch losses to fall.
 RUNS = {
-    "clip": lambda ds, out: world_pretrain.pretrain_clip(ds, out, steps=12, seed=3, batch_size=16),
-    "dino": lambda ds, out: world_pretrain.pretrain_dino(ds, out, steps=12, seed=3, batch_size=16),
-    "llamagen": lambda ds, out: world_pretrain.pretrain_llamagen(ds, out, steps=12, vq_steps=4, seed=3, batch_size=8),
-    "supervisor": lambda ds, out: world_pretrain.pretrain_supervisor(ds, out, steps=15, vae_steps=4, seed=3,
-                                                                     batch_size=8),
+    "clip": lambda out: world_pretrain.pretrain_clip(out, steps=80, seed=3, size=SIZE, batch_size=16),
+    "dino": lambda out: world_pretrain.pretrain_dino(out, steps=100, seed=3, size=SIZE, batch_size=16),
+    "llamagen": lambda out: world_pretrain.pretrain_llamagen(out, steps=12, vq_steps=4, seed=3, size=SIZE,
+                                                             batch_size=8),
+    "supervisor": lambda out: world_pretrain.pretrain_supervisor(out, steps=15, vae_steps=4, text_steps=8, seed=3,
+                                                                 size=SIZE, batch_size=8),
 }
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return world.write_dataset(tmp_path_factory.mktemp("world") / "data", n=32, seed=0, size=SIZE)
+def trained(tmp_path_factory):
+    """Each model trained once: {name: (out_dir, history)}."""
+    root = tmp_path_factory.mktemp("trained")
+    return {name: (root / name, run(root / name)) for name, run in RUNS.items()}
 
 
 @pytest.fixture(scope="module")
-def trained(dataset, tmp_path_factory):
-    """Each model trained once: {name: (out_dir, history)}."""
-    root = tmp_path_factory.mktemp("trained")
-    return {name: (root / name, run(dataset, root / name)) for name, run in RUNS.items()}
+def held_out():
+    """Renders and captions no training step drew (another stream)."""
+    return world.WorldStream(0, "held-out", SIZE).batch(0, 32)
 
 
 def _evals(history, phase):
@@ -45,7 +47,7 @@ def _evals(history, phase):
 
 
 @pytest.mark.parametrize("name,phases", [("clip", ["clip"]), ("dino", ["dino"]), ("llamagen", ["vq", "gpt"]),
-                                         ("supervisor", ["vae", "unet"])])
+                                         ("supervisor", ["text", "vae", "unet"])])
 def test_loss_falls_on_the_fixed_batch(trained, name, phases):
     history = trained[name][1]
     for phase in phases:
@@ -55,26 +57,25 @@ def test_loss_falls_on_the_fixed_batch(trained, name, phases):
         assert after < 0.9 * before, f"{phase}: fixed-batch loss {before:.3f} -> {after:.3f}"
 
 
-def test_clip_loads_and_matches_images_to_their_captions(trained, dataset):
+def test_clip_loads_and_matches_images_to_their_captions(trained, held_out):
     out = trained["clip"][0]
     clip = ClipEmbedder(TINY_CLIP_NAME, out / "open_clip_model.safetensors", config_dir=out)
-    data = world_pretrain.load_world(dataset)
-    images = [Image.open(dataset / r["file"]) for r in data.rows[:16]]
-    sim = clip.embed_images(images) @ clip.embed_texts(data.captions[:16]).T
+    images, captions, _ = held_out
+    sim = clip.embed_images([Image.fromarray(a) for a in images[:16]]) @ clip.embed_texts(captions[:16]).T
     diagonal = sim.diagonal().mean()
     off = (sim.sum() - sim.diagonal().sum()) / (sim.numel() - len(sim))
     assert diagonal > off + 0.05, (float(diagonal), float(off))
 
 
-def test_dino_loads_and_separates_classes(trained, dataset):
+def test_dino_loads_and_separates_colours(trained, held_out):
     dino = DinoEmbedder(trained["dino"][0])
-    data = world_pretrain.load_world(dataset)
-    emb = dino.embed_images([Image.open(dataset / r["file"]) for r in data.rows])
+    images, _, specs = held_out
+    emb = dino.embed_images([Image.fromarray(a) for a in images])
     assert emb.shape == (32, 48)
-    cls = torch.tensor([world.CLASSES.index(r["class_noun"]) for r in data.rows])
-    same = (cls[:, None] == cls[None]) & ~torch.eye(32, dtype=torch.bool)
+    colour = torch.tensor([list(world.COLOURS).index(s.look()[0]) for s in specs])  # the first attribute learnt
+    same = (colour[:, None] == colour[None]) & ~torch.eye(32, dtype=torch.bool)
     sim = emb @ emb.T
-    assert sim[same].mean() > sim[~same].mean(), "same-class images should be closer than different-class ones"
+    assert sim[same].mean() > sim[~same].mean(), "same-colour objects should be closer than different-colour ones"
 
 
 def test_llamagen_loads_through_the_pipeline_loader(trained):
@@ -91,7 +92,7 @@ def test_llamagen_loads_through_the_pipeline_loader(trained):
     assert student.tokenizer.unk_token_id not in student.tokenizer("a yellow and blue dotted can").input_ids
 
 
-def test_vq_dead_codes_restart_on_current_latents(dataset):
+def test_vq_dead_codes_restart_on_current_latents(held_out):
     from ar_models.llamagen import VQ_SIZES, VQModel
 
     torch.manual_seed(0)
@@ -99,7 +100,7 @@ def test_vq_dead_codes_restart_on_current_latents(dataset):
     K = vq.config.codebook_size
     idle = torch.full((K,), world_pretrain.DEAD_AFTER * K)  # every code has been idle too long
     before = vq.quantize.embedding.weight.detach().clone()
-    x = world_pretrain.load_world(dataset).pixels(torch.arange(2))
+    x = world_pretrain._pixels(held_out[0][:2])
     with torch.no_grad():
         used = vq.quantize.quantize(torch.nn.functional.normalize(vq.quant_conv(vq.encoder(x)), dim=1)).unique()
     world_pretrain._vq_loss(vq, x, idle=idle, generator=torch.Generator().manual_seed(0)).backward()
@@ -112,6 +113,7 @@ def test_supervisor_loads_and_samples(trained):
 
     pipe = load_pipeline(str(trained["supervisor"][0]))
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)  # set from the world's latents
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     images = sample(pipe, ["a red ball on the beach"], [0], steps=2, guidance=3.0, resolution=SIZE)
     assert images[0].size == (SIZE, SIZE)
 
@@ -124,14 +126,15 @@ def _weights(name, out):
     if name == "llamagen":
         return {f"{f}.{k}": v for f in ("t2i", "vq") for k, v in torch.load(out / f"{f}.pt", weights_only=True)
                 ["model"].items()}
-    return {f"{c}.{k}": v for c in ("unet", "vae") for k, v in
-            load_file(out / c / "diffusion_pytorch_model.safetensors").items()}
+    return {f"{c}.{k}": v for c, f in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                                       ("text_encoder", "model")) for k, v in
+            load_file(out / c / f"{f}.safetensors").items()}
 
 
 @pytest.mark.parametrize("name", list(RUNS))
-def test_same_seed_same_weights(trained, dataset, tmp_path, name):
+def test_same_seed_same_weights(trained, tmp_path, name):
     out, history = trained[name]
-    again = RUNS[name](dataset, tmp_path / name)
+    again = RUNS[name](tmp_path / name)
     assert [r["loss"] for r in again] == [r["loss"] for r in history]
     a, b = _weights(name, out), _weights(name, tmp_path / name)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed, kernels, shapes
@@ -140,13 +143,16 @@ def test_same_seed_same_weights(trained, dataset, tmp_path, name):
         assert config["scaling_factor"] == json.loads((out / "vae" / "config.json").read_text())["scaling_factor"]
 
 
-def test_bad_dataset_and_group_are_one_line_errors(tmp_path, dataset):
+def test_bad_size_steps_and_group_are_one_line_errors(tmp_path):
     with pytest.raises(ProxytuneError) as err:
-        world_pretrain.pretrain_dino(tmp_path, tmp_path / "out", steps=1)
-    assert_one_line(err, "captions.jsonl")
+        world_pretrain.pretrain_dino(tmp_path / "out", steps=1, size=20)
+    assert_one_line(err, "image size")
+    with pytest.raises(ProxytuneError) as err:
+        world_pretrain.pretrain_clip(tmp_path / "out", steps=-1)
+    assert_one_line(err, "steps")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ProxytuneError) as err:
-        world_pretrain.pretrain_group("vae", dataset, tmp_path / "out", world_pretrain.PLAN)
+        world_pretrain.pretrain_group("vae", tmp_path / "out", world_pretrain.PLAN)
     assert_one_line(err, "group 'vae'")
 
 
