@@ -193,3 +193,23 @@ def test_base_gate_scores_both_base_models_on_both_prompt_sets(world_params, tmp
     with pytest.raises(ProxytuneError) as err:
         claims.base_gate(world_params, claims.ClaimsConfig(), captions=0)
     assert_one_line(err, "captions")
+
+
+def test_bench_prints_the_base_gate_first_and_the_dreambooth_gate_and_verdicts_after_the_table(
+        tmp_path, monkeypatch, capsys):
+    from bench import claims_bench
+
+    rows = rows_of({"supervisor": {"dino": [0.2, 0.3]}, "references": {"dino": [0.4, 0.5]},
+                    "two_stage": {"dino": [0.6, 0.6], "clip_i": [0.3, 0.3]},
+                    "embedding_only": {"dino": [0.3, 0.3], "clip_i": [0.2, 0.2]}})
+    failed = [claims.Check("CLIP-T, held-out world captions", 0.1, 0.5, False)]
+    monkeypatch.setattr(claims_bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(claims, "base_gate", lambda params, config: failed)
+    monkeypatch.setattr(claims_bench.claims_runner, "run", lambda params, config, work: rows)
+    text = claims_bench.main(["--subjects", "0", "--seeds", "0", "1", "--arms", "supervisor", "references",
+                              "two_stage", "embedding_only"])
+    order = [text.index(s) for s in ("GATE FAILED: CLIP-T, held-out world captions", "| arm |",
+                                     "GATE FAILED: DINO, DreamBooth supervisor", "**(b) reproduces**")]
+    assert order == sorted(order)
+    assert (tmp_path / "claims.md").read_text() == text and (tmp_path / "claims.csv").is_file()
+    assert capsys.readouterr().out.startswith("## Gate: base models\n\nGATE FAILED")
