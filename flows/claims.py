@@ -24,16 +24,17 @@ def run_subject_seed(base: dict, index: int, seed: int, config: claims.ClaimsCon
     synthesize.run(params, claims.NoLog(), paths["synthesize"])
     scorer, rows = claims.ArmScorer(params, index, config, paths), []
     for arm in config.arms:
-        tuned = claims.arm_params(params, arm)
-        if claims.ARMS.get(arm):
-            distill.run(tuned, claims.NoLog(), paths["distill"])
-        rows.append(scorer.score(arm, tuned))
+        arm_params = claims.arm_params(params, arm, config.var_preset)
+        if claims.tuned(arm):
+            distill.run(arm_params, claims.NoLog(), paths["distill"])
+        rows.append(scorer.score(arm, arm_params))
     scorer.grid().save(work / "grid.png")
     return rows
 
 
 def run(base: dict, config: claims.ClaimsConfig, work: Path) -> pd.DataFrame:
     """All subjects x seeds x arms; one row per (subject, seed, arm)."""
+    claims.check_arms(base, config)
     rows = []
     for index in config.subjects:
         for seed in config.seeds:

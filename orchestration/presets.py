@@ -27,6 +27,15 @@ def preset_path(name: str) -> Path:
     return path
 
 
+def read(name: str, yaml: YAML | None = None) -> dict:
+    """The preset `name` (a name in presets/ or a .yaml path) as a mapping of params sections."""
+    path = preset_path(name)
+    overlay = (yaml or YAML(typ="safe")).load(path.read_text()) or {}
+    if not isinstance(overlay, dict):
+        raise ProxytuneError(f"{path}: a preset must be a mapping of params sections")
+    return overlay
+
+
 def merge(base, overlay, where: str = "") -> list[str]:
     """Deep-merge `overlay` into the mapping `base` in place (lists and scalars replace); returns changed keys."""
     changed = []
@@ -48,9 +57,7 @@ def apply(names: list[str], params_file: str | Path = "params.yaml") -> list[str
     params = yaml.load(params_file.read_text())
     changed = []
     for name in names:
-        overlay = yaml.load(preset_path(name).read_text()) or {}
-        if not isinstance(overlay, dict):
-            raise ProxytuneError(f"{preset_path(name)}: a preset must be a mapping of params sections")
+        overlay = read(name, yaml)
         unknown = [k for k in overlay if k not in params]
         if unknown:
             raise ProxytuneError(f"{preset_path(name)}: unknown params sections {unknown}")

@@ -32,8 +32,9 @@ def student_sampling(params: dict) -> dict:
             "top_p": float(e["top_p"]), "seed": int(params["seed"])}
 
 
-def supervisor_samples(params: dict, prompts: list[str], lora_dir: Path) -> list[Image.Image]:
-    """The DreamBooth supervisor (its LoRA in `lora_dir`) draws `prompts`, one seed per prompt."""
+def supervisor_samples(params: dict, prompts: list[str], lora_dir: Path | None) -> list[Image.Image]:
+    """The DreamBooth supervisor (its LoRA in `lora_dir`; None: the base model) draws `prompts`, one seed per
+    prompt."""
     pipe = load_pipeline(model_source(params, "supervisor.model"), lora_dir=lora_dir)
     seeds = [int(params["seed"]) * 7919 + i for i in range(len(prompts))]
     return sample(pipe, prompts, seeds, int(get(params, "supervisor.sample_steps")),

@@ -292,6 +292,17 @@ def prompt_scores(generated: Sequence[Image.Image], prompts: Sequence[str], refe
     return rows
 
 
+def clip_t(generated: Sequence[Image.Image], prompts: Sequence[str], clip: ClipEmbedder,
+           batch_size: int = 32) -> float:
+    """CLIP-T alone, for models drawn without a subject: mean over images of cos(image, its prompt)."""
+    if not generated or len(prompts) != len(generated):
+        raise ValueError(f"{len(prompts)} prompts for {len(generated)} generated images")
+    unique = list(dict.fromkeys(prompts))
+    text = clip.embed_texts(unique)[[unique.index(p) for p in prompts]]
+    images = clip.embed_images(generated, batch_size)
+    return float((images.double() * text.double()).sum(dim=1).mean())
+
+
 def summarize(rows: Sequence[dict]) -> dict[str, float]:
     """Image-weighted means of per-prompt rows: equal to scoring all images at once (the papers' number)."""
     total = sum(r["images"] for r in rows)

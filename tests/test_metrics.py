@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from tolerances import chain_tol, network_terms, reduction_tol
 
+from proxytune import metrics
 from proxytune.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, dreambench_scores, strip_identifier
 from testbed.tiny_evaluators import TINY_CLIP_NAME, build_tiny_evaluators
 
@@ -135,6 +136,7 @@ def test_scores_match_direct_computation(tiny, dino, clip):
     assert abs(clip_t) > 1e-3  # not trivially zero, so the comparison means something
     tol = score_tol(dino, clip)  # the same models, batched differently
     assert scores["clip_t"] == pytest.approx(clip_t, rel=0, abs=tol)
+    assert metrics.clip_t(generated, prompts, clip) == pytest.approx(clip_t, rel=0, abs=tol)  # no references
     assert scores["clip_i"] == pytest.approx((gen_c @ ref_c.T).mean().item(), rel=0, abs=tol)
     assert scores["dino"] == pytest.approx((gen_d @ ref_d.T).mean().item(), rel=0, abs=tol)
 
