@@ -29,6 +29,7 @@ from ar_models.vq_blocks import Encoder, Level, Mid, group_norm
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+PATCH_NUMS_WORLD = (1, 2, 3, 4, 6, 8)  # 32², with the world VQVAE's 4x downsampling
 
 # -----------------------------------------------------------------------------
 # Transformer
@@ -53,6 +54,8 @@ class VARConfig:
 
 VAR_SIZES: dict[str, VARConfig] = {
     "tiny": VARConfig(depth=2, embed_dim=64, num_heads=4, patch_nums=(1, 2, 3, 4)),
+    # Pretrained on the miniature world (testbed.world_pretrain): 32 px images, six scales up to the 8x8 codes.
+    "world": VARConfig(depth=4, embed_dim=128, num_heads=4, patch_nums=PATCH_NUMS_WORLD),
     "d16": VARConfig(depth=16, embed_dim=1024, num_heads=16),  # 310M
     "d20": VARConfig(depth=20, embed_dim=1280, num_heads=20),  # 600M
     "d24": VARConfig(depth=24, embed_dim=1536, num_heads=24),  # 1.0B
@@ -226,7 +229,7 @@ class VQVAEConfig:
     vocab_size: int = 4096
     z_channels: int = 32  # Cvae
     ch: int = 160
-    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # fixed in VAR's VQVAE
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)  # VAR's (16x downsampling); the world VQVAE is shallower
     num_res_blocks: int = 2
     quant_conv_ks: int = 3
     quant_resi: float = 0.5  # phi(h) = (1 - r) h + r conv(h)
@@ -241,6 +244,9 @@ class VQVAEConfig:
 VQ_SIZES: dict[str, VQVAEConfig] = {
     "tiny": VQVAEConfig(vocab_size=256, z_channels=8, ch=32),
     "ch160v4096z32": VQVAEConfig(),  # vae_ch160v4096z32.pth
+    # The miniature world's tokenizer: 4x downsampling, so a 32 px image's last scale is 8x8 codes of 512, as
+    # LlamaGen's world VQ.
+    "world": VQVAEConfig(vocab_size=512, z_channels=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
 }
 
 

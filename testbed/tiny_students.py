@@ -207,17 +207,18 @@ def build_tiny_janus_pro(out_dir: str | os.PathLike, corpus: list[str], seed: in
 # VAR
 
 
-def build_tiny_var(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64) -> dict:
-    """A VAR at `tiny` size, saved as the releases are: var_tiny.pth and vae_tiny.pth (plain state dicts) plus a
-    tokenizer/ folder whose classes are the corpus's distinct words. At 64² the tiny scales are (1, 2, 3, 4);
-    other sizes (multiples of 32) use 1..image_size/16."""
+def build_tiny_var(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0, image_size: int = 64,
+                   size: str = "tiny", vq_size: str = "tiny") -> dict:
+    """A VAR at `size` / `vq_size` (small ones: tiny, world), saved as the releases are: var_<size>.pth and
+    vae_<vq_size>.pth (plain state dicts) plus a tokenizer/ folder whose classes are the corpus's distinct words
+    (the world's VAR is given its class nouns). When the size's last scale times the VQVAE's downsampling is not
+    image_size (tiny at other than 64²: multiples of 32), the scales are 1..image_size/downsampling."""
     words = sorted({w for line in corpus for w in line.lower().split()})
     if not words:
         raise ValueError("a tiny VAR needs a non-empty corpus to name the classes")
-    vq_config = var.VQ_SIZES["tiny"]
+    config, vq_config = pick(var.VAR_SIZES, size, "VAR"), pick(var.VQ_SIZES, vq_size, "VQVAE")
     if image_size % (2 * vq_config.downsample):
         raise ValueError(f"image_size {image_size} is not a multiple of {2 * vq_config.downsample}")
-    config = var.VAR_SIZES["tiny"]
     last = image_size // vq_config.downsample
     patch_nums = config.patch_nums if last == config.patch_nums[-1] else tuple(range(1, last + 1))
     config = replace(config, num_classes=len(words), patch_nums=patch_nums)
@@ -226,12 +227,13 @@ def build_tiny_var(out_dir: str | os.PathLike, corpus: list[str], seed: int = 0,
         torch.manual_seed(seed)
         model, vae = var.VAR(config, vq_config.z_channels, vq_config.vocab_size), var.VQVAE(vq_config, patch_nums)
     out = Path(out_dir)
+    checkpoint, vq_checkpoint = out / f"var_{size}.pth", out / f"vae_{vq_size}.pth"
     with atomic_dir(out) as tmp:
-        torch.save(model.state_dict(), tmp / "var_tiny.pth")
-        torch.save(vae.state_dict(), tmp / "vae_tiny.pth")
+        torch.save(model.state_dict(), tmp / checkpoint.name)
+        torch.save(vae.state_dict(), tmp / vq_checkpoint.name)
         tokenizer.save_pretrained(tmp / "tokenizer")
-    return {"checkpoint": out / "var_tiny.pth", "vq_checkpoint": out / "vae_tiny.pth", "tokenizer": out / "tokenizer",
-            "size": "tiny", "vq_size": "tiny", "image_size": image_size, "patch_nums": list(patch_nums)}
+    return {"checkpoint": checkpoint, "vq_checkpoint": vq_checkpoint, "tokenizer": out / "tokenizer",
+            "size": size, "vq_size": vq_size, "image_size": image_size, "patch_nums": list(patch_nums)}
 
 
 # -----------------------------------------------------------------------------

@@ -324,6 +324,97 @@ def pretrain_llamagen(out_dir, steps: int, vq_steps: int, seed: int = 0, size: i
     return history
 
 
+# ------------------------------------------------------------------------------------------------- VAR
+
+
+def _msvq_loss(vae, x: torch.Tensor, beta: float = 0.25, idle: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """VAR's VQVAE loss: reconstruction + the mean over scales of the codebook and beta * commitment terms on the
+    running f_hat, with the straight-through estimator carrying the decoder's gradient to the encoder. Each
+    scale quantises the residual its predecessors left, in fp32 as VAR does.
+
+    In training, dead codes restart as in `_vq_loss`, onto random residuals of the batch (of every scale, the
+    vectors codes stand for)."""
+    quant = vae.quantize
+    f = vae.quant_conv(vae.encoder(x))
+    with torch.autocast(x.device.type, enabled=False):
+        f = f.float()
+        B, C, S = f.shape[0], f.shape[1], len(quant.patch_nums)
+        f_rest, f_hat, vq_loss, codes, rests = f.detach(), quant.zeros(B, f), 0.0, [], []
+        for si, pn in enumerate(quant.patch_nums):
+            z = f_rest if si == S - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
+            rests.append(z.permute(0, 2, 3, 1).reshape(-1, C))
+            codes.append(quant.nearest(rests[-1]))
+            h = quant.contribution(si, codes[-1].view(B, pn * pn))
+            f_hat, f_rest = f_hat + h, f_rest - h.detach()
+            vq_loss = vq_loss + F.mse_loss(f_hat, f.detach()) + beta * F.mse_loss(f_hat.detach(), f)
+        if idle is not None:
+            with torch.no_grad():
+                used = torch.cat(codes)
+                idle += used.numel()
+                idle[used.unique()] = 0
+                dead = (idle >= DEAD_AFTER * len(idle)).nonzero().squeeze(1)
+                pool = torch.cat(rests)
+                quant.embedding.weight[dead] = pool[torch.randint(0, len(pool), (len(dead),), generator=generator)]
+                idle[dead] = 0
+    recon = vae.decoder(vae.post_quant_conv(f + (f_hat - f).detach()))
+    return F.mse_loss(recon.float(), x) + vq_loss / S
+
+
+def pretrain_var(out_dir, steps: int, vq_steps: int, seed: int = 0, size: int = 32, batch_size: int = 32,
+                 lr: float = 1e-3, vq_lr: float = 1e-3, cond_dropout: float = 0.1, autocast: bool = False,
+                 model_size: str = "tiny", vq_size: str = "tiny") -> list[dict]:
+    """The VAR of `testbed.tiny_students.build_tiny_var` with the world's class nouns as its classes: the
+    multi-scale VQVAE first trains as an autoencoder for `vq_steps` (0 keeps its random weights; every code starts
+    idle, so the first step moves the unused ones onto the data), then the transformer learns next-scale
+    prediction of fresh renders' codes with `student.loss`, conditioned as the student reads the captions (their
+    class noun; class dropout 10%, so classifier-free guidance works). Writes var_<model_size>.pth and
+    vae_<vq_size>.pth (plain state dicts, as VAR's releases) and the tokenizer/ folder. History ends with a
+    "var_vq/codes_used" row: the distinct codes of the transformer's evaluation batch."""
+    from ar_models import var
+    from testbed.tiny_students import build_tiny_var
+    from testbed.world import CLASSES
+
+    _check_steps(steps=steps, vq_steps=vq_steps)
+    vq_stream, var_stream = _stream(seed, "var_vq", size), _stream(seed, "var", size)
+    history: list[dict] = []
+    with atomic_dir(out_dir) as tmp, torch.random.fork_rng(devices=[]):
+        paths = build_tiny_var(tmp / ".init", list(CLASSES), seed=seed, image_size=size, size=model_size,
+                               vq_size=vq_size)
+        student = var.VARStudent.from_params(paths)
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+
+        vae = student.vae
+        if vq_steps:
+            vae.requires_grad_(True).train()
+            K = vae.config.vocab_size
+            idle = torch.full((K,), DEAD_AFTER * K, dtype=torch.long)
+            _train("var_vq", vae.parameters(), vq_steps, vq_lr,
+                   lambda i: _msvq_loss(vae, _pixels(vq_stream.batch(i, batch_size)[0]), idle=idle, generator=gen),
+                   lambda: _msvq_loss(vae, _pixels(vq_stream.batch(EVAL_STEP, batch_size)[0])), history, autocast,
+                   weight_decay=0.0)
+            vae.requires_grad_(False).eval()
+        student.train()
+        used = set()
+
+        def var_loss(step, dropout):
+            images, captions, _ = var_stream.batch(step, batch_size)
+            codes = student.encode_images(_pixels(images))  # the VQVAE is frozen: only the transformer learns
+            if step == EVAL_STEP:
+                used.update(codes.unique().tolist())
+            return student.loss(student.encode_prompts(captions), codes, cond_dropout=dropout)
+
+        _train("var", student.var.parameters(), steps, lr, lambda i: var_loss(i, cond_dropout),
+               lambda: var_loss(EVAL_STEP, 0.0), history, autocast, weight_decay=0.05)
+        history.append({"phase": "var_vq/codes_used", "step": vq_steps, "loss": float(len(used))})
+        torch.save(student.var.state_dict(), tmp / paths["checkpoint"].name)
+        torch.save(vae.state_dict(), tmp / paths["vq_checkpoint"].name)
+        os.replace(paths["tokenizer"], tmp / "tokenizer")
+        shutil.rmtree(tmp / ".init")
+    return history
+
+
 # ------------------------------------------------------------------------------------------------- supervisor
 
 

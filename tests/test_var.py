@@ -176,6 +176,23 @@ def test_released_sizes():
     assert VQ_SIZES["ch160v4096z32"].downsample == 16
 
 
+def test_world_sizes_build_and_a_world_prompt_conditions_on_its_class(tmp_path):
+    """The world VAR: six scales up to 8x8 codes at 32 px, the world's class nouns as its classes; a prompt
+    with the identifier (not yet a token) conditions on its class noun's row, whatever else it says."""
+    from testbed.world import CLASSES
+
+    paths = build_tiny_var(tmp_path, list(CLASSES), image_size=32, size="world", vq_size="world")
+    student = VARStudent.from_paths(**paths)
+    assert paths["checkpoint"].name == "var_world.pth" and student.patch_nums == (1, 2, 3, 4, 6, 8)
+    codes = student.encode_images(torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert codes.shape == (2, 130) and int(codes.max()) < 512
+    assert student.decode_tokens(codes).shape == (2, 3, 32, 32)
+    vocab = student.tokenizer.get_vocab()
+    for noun in CLASSES:
+        assert student.class_ids(f"a sks red and blue dotted {noun} on the beach") == [vocab[noun]], noun
+    assert student.class_ids("a sks on the beach") == [student.uncond_id]
+
+
 def test_image_round_trip_through_scales(student):
     images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     tokens = student.encode_images(images)

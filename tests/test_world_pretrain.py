@@ -174,3 +174,58 @@ def test_the_shipped_world_models_load_through_the_pipeline_loaders():
     ClipEmbedder(e["clip_model"], REPO / e["clip_pretrained"], config_dir=REPO / e["clip_config_dir"])
     plan = json.loads((REPO / "models/world/plan.json").read_text())
     assert {k: v for k, v in plan.items() if k != "seed"} == world_pretrain.PLAN
+
+
+# ------------------------------------------------------------------------------------------------- VAR
+
+
+def _pretrain_var(out):
+    # 8 VQ steps: at batch 8 the dead codes first restart after 4 (a collapse to ~5 codes until then)
+    return world_pretrain.pretrain_var(out, steps=12, vq_steps=8, seed=3, batch_size=8, model_size="world",
+                                       vq_size="world")
+
+
+@pytest.fixture(scope="module")
+def var_trained(tmp_path_factory):
+    """The world VAR trained once: (out_dir, history)."""
+    out = tmp_path_factory.mktemp("trained_var") / "var"
+    return out, _pretrain_var(out)
+
+
+def test_var_loss_falls_on_the_fixed_batch(var_trained):
+    history = var_trained[1]
+    for phase in ("var_vq", "var"):
+        steps = [r for r in history if r["phase"] == phase]
+        assert steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+        before, after = _evals(history, phase)
+        assert after < 0.9 * before, f"{phase}: fixed-batch loss {before:.3f} -> {after:.3f}"
+    used = next(r["loss"] for r in history if r["phase"] == "var_vq/codes_used")
+    assert used > 64, f"the transformer's evaluation batch uses {used:.0f} of 512 codes: the codebook collapsed"
+
+
+def test_var_loads_through_the_pipeline_loader_with_the_preset_keys(var_trained):
+    """The preset's keys, its folder replaced by this run's: the release layout that VAR's loaders read."""
+    import yaml
+    from conftest import REPO
+
+    out = var_trained[0]
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer", "vae_world.pth", "var_world.pth"]
+    preset = yaml.safe_load((REPO / "presets" / "student_var_world.yaml").read_text())["student"]
+    keys = {k: v for k, v in preset.items() if k != "arbooth"}
+    for key in ("checkpoint", "vq_checkpoint", "tokenizer"):
+        keys[key] = str(out / keys[key].rsplit("/", 1)[1])
+    student = load_student({**keys, "device": "cpu"})
+    saved = torch.load(out / "var_world.pth", weights_only=True)
+    assert saved.keys() == student.var.state_dict().keys()
+    assert all(torch.equal(v, saved[k]) for k, v in student.var.state_dict().items())
+    assert student.generate(["a red ball on the beach"], cfg_scale=2.0, seed=0).shape == (1, 3, SIZE, SIZE)
+    assert student.class_ids("a sks toy on the beach") == [student.tokenizer.get_vocab()["toy"]]
+
+
+def test_var_same_seed_same_weights(var_trained, tmp_path):
+    out, history = var_trained
+    again = _pretrain_var(tmp_path / "var")
+    assert [r["loss"] for r in again] == [r["loss"] for r in history]
+    for name in ("var_world.pth", "vae_world.pth"):
+        a, b = (torch.load(d / name, weights_only=True) for d in (out, tmp_path / "var"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
