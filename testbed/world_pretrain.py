@@ -534,10 +534,11 @@ def pretrain_supervisor(out_dir, steps: int, vae_steps: int, text_steps: int, se
 # The shipped models/world weights: fixed step counts (not a time budget, so the same seed gives the same
 # weights on any machine) at batch 32 of 32 px renders.
 PLAN = {"image_size": 32, "batch_size": 32, "clip": 1500, "dino": 3000, "vq": 1500, "gpt": 3000,
-        "text": 1500, "vae": 1500, "unet": 2400}
+        "text": 1500, "vae": 1500, "unet": 2400, "var_vq": 800, "var": 1500}
 # Each group runs in its own process with one torch thread, so the two cores train two groups at once; the
 # longest groups start first.
-GROUPS = {"supervisor": ("text", "vae", "unet"), "llamagen": ("vq", "gpt"), "evaluators": ("clip", "dino")}
+GROUPS = {"supervisor": ("text", "vae", "unet"), "llamagen": ("vq", "gpt"), "var": ("var_vq", "var"),
+          "evaluators": ("clip", "dino")}
 
 
 def pretrain_group(group: str, out_dir, plan: dict, seed: int = 0) -> list[dict]:
@@ -550,6 +551,8 @@ def pretrain_group(group: str, out_dir, plan: dict, seed: int = 0) -> list[dict]
     if group == "supervisor":
         return pretrain_supervisor(out / "supervisor", plan["unet"], plan["vae"], plan["text"], model_size="world",
                                    **common)
+    if group == "var":
+        return pretrain_var(out / "var", plan["var"], plan["var_vq"], model_size="world", vq_size="world", **common)
     if group == "evaluators":
         return (pretrain_clip(out / "evaluators" / "clip", plan["clip"], **common)
                 + pretrain_dino(out / "evaluators" / "dino", plan["dino"], **common))
