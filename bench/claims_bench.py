@@ -5,7 +5,7 @@ supervisor must follow prompts better than the untuned student); after the table
 supervisor must carry more of the subject than the reference-tuned student). A failed gate is said plainly and
 the claims still run, so the table shows why. Prints it all and writes bench/results/claims.{md,csv}.
 
-    python bench/claims_bench.py                       # about 40 min on a 2-core CPU
+    python bench/claims_bench.py                       # every core: one (subject, seed) per process
     python bench/claims_bench.py --subjects 0 --seeds 0 1 --arms untuned proxy_tuning
 """
 from __future__ import annotations
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(claims.ClaimsConfig.seeds))
     parser.add_argument("--arms", nargs="+", default=list(claims.ARMS), choices=list(claims.ARMS))
     parser.add_argument("--var-preset", default=claims.VAR_PRESET, help="the next-scale arms' student preset")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="(subject, seed) pairs run in parallel, one process and thread each")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = claims.ClaimsConfig(subjects=tuple(args.subjects), seeds=tuple(args.seeds), arms=tuple(args.arms),
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> str:
     start = time.perf_counter()
     base = f"## Gate: base models\n\n{claims.gate_markdown(claims.base_gate(params, config))}\n"
     print(base, flush=True)
-    rows = claims_runner.run(params, config, work)
+    rows = claims_runner.run(params, config, work, workers=args.workers)
     minutes = (time.perf_counter() - start) / 60
     dreambooth = claims.dreambooth_gate(rows)
     text = (f"World subjects {list(config.subjects)}, seeds {list(config.seeds)}; mean ± spread (std over seeds "

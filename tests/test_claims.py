@@ -158,7 +158,7 @@ def test_the_world_vars_six_scales_split_four_and_two():
     assert claims.world_split({"family": "var", "size": "d16"}, 8) == 8
 
 
-def test_a_missing_next_scale_preset_fails_in_one_line_naming_the_file(world_params):
+def test_a_missing_next_scale_preset_or_bad_arm_or_workers_fails_in_one_line(world_params, tmp_path):
     config = claims.ClaimsConfig(arms=("untuned", "arbooth_var"), var_preset="student_var_nowhere")
     with pytest.raises(ProxytuneError) as err:
         claims.check_arms(world_params, config)
@@ -166,14 +166,18 @@ def test_a_missing_next_scale_preset_fails_in_one_line_naming_the_file(world_par
     with pytest.raises(ProxytuneError) as err:
         claims.check_arms(world_params, claims.ClaimsConfig(arms=("untuned", "arbooth_v")))
     assert_one_line(err, "arms", "arbooth_v")
+    with pytest.raises(ProxytuneError) as err:
+        claims_runner.run(world_params, claims.ClaimsConfig(arms=("untuned",)), tmp_path / "work", workers=0)
+    assert_one_line(err, "workers")
 
 
 def test_next_scale_arms_run_and_score_like_the_others(world_params, var_preset, tmp_path, monkeypatch):
     monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "cache"))
-    config = claims.ClaimsConfig(subjects=(0,), seeds=(0,), arms=("supervisor", "references", *VAR_ARMS),
+    config = claims.ClaimsConfig(subjects=(0,), seeds=(0, 1), arms=("supervisor", "references", *VAR_ARMS),
                                  images_per_prompt=1, pres_images=1, var_preset=var_preset)
-    rows = claims_runner.run(world_params, config, tmp_path / "work")
-    assert list(rows["arm"]) == list(config.arms)
+    rows = claims_runner.run(world_params, config, tmp_path / "work", workers=2)  # one process per seed
+    assert list(rows["arm"]) == list(config.arms) * 2 and list(rows["seed"]) == [0] * 5 + [1] * 5
+    rows = rows[rows["seed"] == 0]
     assert rows.set_index("arm").loc[list(VAR_ARMS), ["dino", "clip_i", "clip_t", "pres"]].notna().all().all()
     scaled, flat = (rows.set_index("arm").loc[a, "dino"] for a in ("arbooth_var", "arbooth_var_flat"))
     assert scaled != flat  # the weights changed what was learnt
@@ -205,7 +209,7 @@ def test_bench_prints_the_base_gate_first_and_the_dreambooth_gate_and_verdicts_a
     failed = [claims.Check("CLIP-T, held-out world captions", 0.1, 0.5, False)]
     monkeypatch.setattr(claims_bench, "RESULTS", tmp_path)
     monkeypatch.setattr(claims, "base_gate", lambda params, config: failed)
-    monkeypatch.setattr(claims_bench.claims_runner, "run", lambda params, config, work: rows)
+    monkeypatch.setattr(claims_bench.claims_runner, "run", lambda params, config, work, workers: rows)
     text = claims_bench.main(["--subjects", "0", "--seeds", "0", "1", "--arms", "supervisor", "references",
                               "two_stage", "embedding_only"])
     order = [text.index(s) for s in ("GATE FAILED: CLIP-T, held-out world captions", "| arm |",
