@@ -238,7 +238,8 @@ def markdown(rows: pd.DataFrame) -> str:
 
 # ---------------------------------------------------------------- the gate: is the supervisor the stronger model?
 
-GATE_SEED = 1  # world_pretrain drew its images with seed 0: these specs' captions are held out
+GATE_SEED = 1  # pretraining_specs(n, 1) is a stream no pretraining model draws from (their streams are named
+# per model): the gate's renders are unseen, while its captions come from the same distribution as training's
 GATE_CAPTIONS = 24
 
 
