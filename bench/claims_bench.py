@@ -36,7 +36,6 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="(subject, seed) pairs run in parallel, one process and thread each")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     config = claims.ClaimsConfig(subjects=tuple(args.subjects), seeds=tuple(args.seeds), arms=tuple(args.arms),
                                  var_preset=args.var_preset)
     work = Path(tempfile.mkdtemp(prefix="proxytune-claims-"))
@@ -62,4 +61,5 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # the base gate as each worker runs: one thread, no spin-waiting on a busy CPU
     main()

@@ -17,6 +17,15 @@ import yaml  # noqa: E402
 # The models are tiny: one intra-op thread is as fast and never spin-waits when the 2 cores are busy. CI also runs
 # the suite with OMP_NUM_THREADS=2, so the tolerances are checked against another float reduction order.
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def threads_unchanged():
+    """Byte-exact checks compare against session fixtures rendered at THREADS; a test that leaves torch on
+    another thread count changes later tests' float reduction order, so it fails here, where it happened."""
+    yield
+    assert torch.get_num_threads() == THREADS, "the test changed torch's thread count and did not restore it"
 
 REPO = Path(__file__).resolve().parent.parent
 # The tests run in the project (cwd = REPO: dvc.yaml and the shipped models/world are read from there) and

@@ -208,6 +208,7 @@ def test_bench_prints_the_base_gate_first_and_the_dreambooth_gate_and_verdicts_a
                     "embedding_only": {"dino": [0.3, 0.3], "clip_i": [0.2, 0.2]}})
     failed = [claims.Check("CLIP-T, held-out world captions", 0.1, 0.5, False)]
     monkeypatch.setattr(claims_bench, "RESULTS", tmp_path)
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "cache"))  # main() only sets it where unset
     monkeypatch.setattr(claims, "base_gate", lambda params, config: failed)
     monkeypatch.setattr(claims_bench.claims_runner, "run", lambda params, config, work, workers: rows)
     text = claims_bench.main(["--subjects", "0", "--seeds", "0", "1", "--arms", "supervisor", "references",
