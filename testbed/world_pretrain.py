@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from proxytune.io import atomic_dir
+from proxytune.io import atomic_dir, atomic_file
 from proxytune.params import ProxytuneError
 from testbed.world import WorldStream
 
@@ -541,6 +541,36 @@ GROUPS = {"supervisor": ("text", "vae", "unet"), "llamagen": ("vq", "gpt"), "var
           "evaluators": ("clip", "dino")}
 
 
+def store_half(root) -> list[Path]:
+    """Rewrite every weight file under `root` with its float tensors in fp16, so models/world stays small in git.
+    Every loader copies into fp32 parameters (`load_state_dict`, diffusers' and transformers' default dtypes), so
+    the models run as before, from weights rounded once; returns the files it rewrote."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    def half(value):
+        if isinstance(value, torch.Tensor):
+            return value.half() if value.is_floating_point() else value
+        return {k: half(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    done = []
+    for path in sorted(Path(root).rglob("*")):
+        if path.suffix == ".safetensors":
+            with safe_open(path, "pt") as f:
+                metadata = f.metadata()
+            state = half(load_file(path))
+            with atomic_file(path) as tmp:
+                save_file(state, tmp, metadata=metadata)
+        elif path.suffix in (".pt", ".pth"):
+            state = half(torch.load(path, map_location="cpu", weights_only=True))
+            with atomic_file(path) as tmp:
+                torch.save(state, tmp)
+        else:
+            continue
+        done.append(path)
+    return done
+
+
 def pretrain_group(group: str, out_dir, plan: dict, seed: int = 0) -> list[dict]:
     """Train one GROUPS entry into out_dir/<group> (the layout params.yaml points at)."""
     out, common = Path(out_dir), dict(seed=seed, size=plan["image_size"], batch_size=plan["batch_size"],
@@ -598,7 +628,8 @@ def main(argv: list[str] | None = None) -> None:
                     failed.append(f"{group} (exit code {worker.returncode})")
     if failed:
         raise SystemExit(f"world pretraining failed: {', '.join(failed)}")
-    (out / "plan.json").write_text(json.dumps({"seed": args.seed, **PLAN}, indent=2) + "\n")
+    store_half(out)
+    (out / "plan.json").write_text(json.dumps({"seed": args.seed, **PLAN, "storage": "fp16"}, indent=2) + "\n")
     print(f"world pretraining: {time.perf_counter() - start:.0f} s", flush=True)
 
 

@@ -180,7 +180,26 @@ def test_the_shipped_world_models_were_trained_with_the_current_plan():
     from conftest import REPO
 
     plan = json.loads((REPO / "models/world/plan.json").read_text())
-    assert {k: v for k, v in plan.items() if k != "seed"} == world_pretrain.PLAN
+    assert {k: v for k, v in plan.items() if k not in ("seed", "storage")} == world_pretrain.PLAN
+
+
+def test_store_half_rounds_float_weights_only_and_keeps_formats(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weights = {"w": torch.randn(3, 4), "index": torch.arange(4)}
+    torch.save({"model": dict(weights)}, tmp_path / "t2i.pt")
+    save_file(dict(weights), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text("{}")
+    assert sorted(p.name for p in world_pretrain.store_half(tmp_path)) == ["model.safetensors", "t2i.pt"]
+    pt = torch.load(tmp_path / "t2i.pt", weights_only=True)["model"]
+    st = load_file(tmp_path / "model.safetensors")
+    for state in (pt, st):
+        assert state["w"].dtype == torch.float16 and torch.equal(state["w"], weights["w"].half())
+        assert torch.equal(state["index"], weights["index"])
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # transformers refuses safetensors without it
+    assert (tmp_path / "config.json").read_text() == "{}"
 
 
 # ------------------------------------------------------------------------------------------------- VAR
