@@ -14,6 +14,7 @@ import sys
 from prefect import flow
 from prefect.states import Failed
 
+from orchestration import tracking
 from orchestration.cache import check_path_params, stage_paths
 from orchestration.runlock import WAIT_ENV, run_lock
 from orchestration.stage import is_current, resolve_paths, written_places
@@ -52,7 +53,7 @@ def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None, 
     if paths and len(chosen) != 1:
         raise ProxytuneError("explicit stage paths need exactly one --stage")
     results = {}
-    with run_lock(written_places(chosen, under, paths), wait):
+    with run_lock(written_places(chosen, under, paths), wait), tracking.pipeline_run():
         for stage in chosen:
             where = {k: str(v) for k, v in resolve_paths(stage, paths, under).items()}
             task = TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file, where))
