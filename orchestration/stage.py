@@ -75,8 +75,10 @@ def stage_params(stage: str, params: dict) -> dict:
     return {name: get(params, name) for name in names}
 
 
-def stage_task(stage: str, run: RunFn):
-    """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked."""
+def stage_task(stage: str, run: RunFn, model_role: str | None = None):
+    """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked. With
+    `model_role`, the stage's `out` folder is also logged and registered as that MLflow model
+    (`orchestration.registry`)."""
 
     def execute(params_file: str = "params.yaml", paths: dict[str, str] | None = None):
         try:
@@ -85,6 +87,8 @@ def stage_task(stage: str, run: RunFn):
             key = stage_key(stage, params, where)
             with tracking.stage_run(stage, params, stage_params(stage, params)) as log:
                 outputs = run(params, log, where)
+                if model_role:
+                    log.model(model_role, where["out"], params)
         except (ProxytuneError, ModelConfigError) as e:
             # Bad input, not a bug: one clear line instead of a traceback.
             get_run_logger().error(str(e))

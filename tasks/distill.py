@@ -178,9 +178,8 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
                    history[-1]["loss"] if history else None)
     write_loss_csv(paths["loss_csv"], history)
     checkpoints.clear()
-    for name in files:
-        log.artifact(out / name, "student")
+    log.artifact(out, "student")  # with card.json: `load_tuned` on the downloaded folder works
     return {"out_dir": str(out), "files": files, "loss_csv": str(paths["loss_csv"])}
 
 
-distill_task = stage_task("distill", run)
+distill_task = stage_task("distill", run, model_role="student")

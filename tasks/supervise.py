@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-supervise_task = stage_task("supervise", run)
+supervise_task = stage_task("supervise", run, model_role="supervisor")
 
 if __name__ == "__main__":
     sys.exit(main())
