@@ -3,9 +3,8 @@
 Each subject gets `runs/<name>/` holding its own params.yaml (the project's, with the subject swapped in) and
 every stage's data, laid out as in dvc.yaml (`python -m flows.pipeline --under runs/<name>`); the code and the
 models stay in the project. A process per subject: one that crashes or exhausts memory takes only itself down.
-Each work folder keeps its own MLflow store (subjects may run in parallel, and the tracking module adopts the
-newest running pipeline run of its store); the benchmark's own run in the project's store carries every
-subject's scores and the aggregate.
+Each work folder keeps its own MLflow store (a subject's pipeline run, models and registry stay with its data);
+the benchmark's own run in the project's store carries every subject's scores and the aggregate.
 """
 from __future__ import annotations
 

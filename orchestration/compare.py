@@ -1,7 +1,7 @@
 """`python -m orchestration.compare`: scored runs side by side, from MLflow, as one table and a bar chart.
 
-A row per (run, method): every `evaluate` stage run (one subject) and every benchmark run (many subjects),
-with DINO / CLIP-I / CLIP-T (and PRES / DIV where measured) as each logged them.
+A row per (run, method): every pipeline run (its parent run, one subject, named after what differs) and every
+benchmark run (many subjects), with DINO / CLIP-I / CLIP-T (and PRES / DIV where measured) as each logged them.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def runs_table(filter_string: str = "", max_runs: int = 50) -> pd.DataFrame:
     for _, run in runs.iterrows():
         if "tags.proxytune.benchmark" in run and run["tags.proxytune.benchmark"] == "true":
             label = f"{run['tags.mlflow.runName']} ({run['tags.subjects']})"
-        elif run.get("tags.stage") == "evaluate":
-            label = f"{run.get('params.subject.name', '?')} {run['run_id'][:8]}"
+        elif run.get(f"tags.{tracking.PARENT_TAG}") == "true":
+            label = f"{run['tags.mlflow.runName']} {run['run_id'][:8]}"
         else:
             continue
         for method in METHODS:

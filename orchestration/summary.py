@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  image grid    {evaluate['out'] / 'grid.png'}   (references | supervisor | student)")
     print(f"  loss curves   {supervise['loss_csv']}, {distill['loss_csv']}   (dvc plots show)")
     print(f"  adapters      {supervise['out']}, {distill['out']}")
-    print(f"  MLflow store  {tracking_uri()}   (mlflow ui --backend-store-uri {tracking_uri()})")
+    print(f"  MLflow store  {tracking_uri()}   (mlflow ui --backend-store-uri {tracking_uri()}, then open "
+          "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning)")
     print(f"  Prefect       {os.environ.get('PREFECT_HOME', root / '.prefect')}   (make prefect-server, then open http://127.0.0.1:4200)")
     if metrics.is_file():
         scores = json.loads(metrics.read_text())

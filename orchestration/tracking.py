@@ -34,6 +34,8 @@ EXPERIMENT = "proxytune"
 PARENT_TAG = "proxytune.pipeline"
 LAST_STAGE = "evaluate"
 SCORED_STAGE = LAST_STAGE  # its metrics keep their names on the parent
+EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_VIEW = {EXPERIMENT_KIND: "custom_model_development"}  # the UI shows runs and metrics, not GenAI traces
 NAMED_DIFFERENCES = 3  # how many differing params a parent's name lists before "+N"
 
 
@@ -63,9 +65,11 @@ def setup():
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         artifacts = _artifact_root().as_uri()
-        exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+        exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts, tags=TRAINING_VIEW)
     else:
         exp_id = exp.experiment_id
+        if exp.tags.get(EXPERIMENT_KIND) != TRAINING_VIEW[EXPERIMENT_KIND]:  # a store made before the tag
+            client.set_experiment_tag(exp_id, EXPERIMENT_KIND, TRAINING_VIEW[EXPERIMENT_KIND])
     return mlflow, client, exp_id
 
 

@@ -51,6 +51,7 @@ def _check_mlflow_runs():
     runs = mlflow.search_runs(experiment_names=["proxytune"], output_format="list")
     parents = [r for r in runs if r.data.tags.get("proxytune.pipeline") == "true"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {"student.dino", "supervisor.dino", "distill.loss"} <= set(parents[0].data.metrics)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert sorted(r.data.tags["stage"] for r in children) == sorted(AFTER_BOOTSTRAP)
     by_stage = {r.data.tags["stage"]: r for r in children}

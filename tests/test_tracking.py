@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from conftest import REPO, write_params
 
-from orchestration import tracking
+from orchestration import compare, tracking
 from proxytune.params import load_params
 
 # Stands in for `dvc repro`: a process named dvc that runs each stage named on its command line as a process of
@@ -61,6 +61,9 @@ def test_one_parent_per_flow_named_after_what_differs_with_the_final_metrics(par
     assert parent.data.metrics == {"distill.loss": 1.5, "student.dino": 0.25}
     assert parent.info.run_name.startswith(f"demo_toy {params['student']['method']} ")
     assert "student.steps=7" in parent.data.tags["params.differ"]
+    table = compare.runs_table()  # pipeline runs side by side, by their parents' metrics
+    assert table[["run", "method", "dino"]].values.tolist() == [
+        [f"{parent.info.run_name} {parent.info.run_id[:8]}", "student", 0.25]]
 
     with tracking.pipeline_run():  # the next flow: a parent of its own, closed when the flow ends
         with tracking.stage_run("prepare", params, {}):
