@@ -3,7 +3,7 @@
 Wiring only. Each stage is a cached Prefect task (see `orchestration.stage`); `dvc repro` calls this module
 once per stage with `--stage NAME` and the stage's paths (`--prepared outputs/prepare --out ...`, as dvc.yaml's
 `cmd` lists them); a user can run the whole chain with no arguments, or keep its data in another folder
-with `--under DIR`.
+with `--under DIR`. Each invocation, or each `dvc repro`, is one MLflow parent run (`orchestration.tracking`).
 """
 from __future__ import annotations
 
