@@ -132,8 +132,12 @@ def _driver() -> psutil.Process:
     return me
 
 
+def _runs_folder() -> Path:
+    return _store_dir() / ".proxytune" / "mlflow-runs"
+
+
 def _run_file(driver: psutil.Process) -> Path:
-    return _store_dir() / ".proxytune" / "mlflow-runs" / f"{driver.pid}-{round(driver.create_time() * 1000)}.json"
+    return _runs_folder() / f"{driver.pid}-{round(driver.create_time() * 1000)}.json"
 
 
 def _alive(run_file: Path) -> bool:
@@ -148,7 +152,10 @@ def _settle(client, run_file: Path) -> None:
     """Close the parent of a driver that is gone: KILLED if a stage was cut off, else FINISHED."""
     from mlflow.exceptions import MlflowException
 
-    run_id = json.loads(run_file.read_text())["run_id"]
+    try:
+        run_id = json.loads(run_file.read_text())["run_id"]
+    except FileNotFoundError:  # another run's start settled it first
+        return
     try:
         parent = client.get_run(run_id)
     except MlflowException:  # the store was reset since
@@ -163,7 +170,7 @@ def _settle(client, run_file: Path) -> None:
 
 
 def _settle_orphans(client) -> None:
-    folder = _store_dir() / ".proxytune" / "mlflow-runs"
+    folder = _runs_folder()
     for run_file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         if not _alive(run_file):
             _settle(client, run_file)
