@@ -1,5 +1,6 @@
-"""DVC drives the stages: `dvc repro` runs them all, then reports everything up to date; experiments,
-metrics and plots work. Stage processes talk to one `prefect server start`, as a user's would."""
+"""DVC drives the stages: `dvc repro` runs them all, then reports everything up to date; git carries the metrics
+and loss curves, so experiments compare in `dvc exp show`, `dvc metrics diff` and `dvc plots diff`; the plots
+page draws offline. Stage processes talk to one `prefect server start`, as a user's would."""
 from __future__ import annotations
 
 import json
@@ -99,11 +100,48 @@ def test_dvc_repro_then_up_to_date_then_experiment(tmp_path, prefect_server):
 
     metrics = json.loads(_run([str(BIN / "dvc"), "metrics", "show", "--json"], root, env))
     assert "dino" in json.dumps(metrics)
-    _run([str(BIN / "dvc"), "plots", "show", "-o", "plots"], root, env)
-    assert (root / "plots" / "index.html").is_file()
 
+    # git keeps the metrics and loss curves, so commits and experiments carry them.
     _run(git + ["add", "-A"], root, env)
     _run(git + ["commit", "-qm", "pipeline"], root, env)
-    exp = _run([str(BIN / "dvc"), "exp", "run", "-S", "student.steps=3"], root, env)
+    assert _run(git + ["ls-files", "outputs"], root, env).split() == [
+        "outputs/distill_loss.csv", "outputs/metrics.json", "outputs/supervise_loss.csv"]
+    exp = _run([str(BIN / "dvc"), "exp", "run", "-n", "fewer-steps", "-S", "student.steps=3"], root, env)
     assert "Running stage 'distill'" in exp and "Running stage 'evaluate'" in exp
     assert "Running stage 'supervise'" not in exp
+    exp = _run([str(BIN / "dvc"), "exp", "run", "-n", "one-prompt", "-S", "evaluate.prompts_per_model=1"], root, env)
+    assert "Running stage 'evaluate'" in exp and "Running stage 'distill'" not in exp
+
+    shown = _experiments(json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], root, env)))
+    assert set(shown) == {"fewer-steps", "one-prompt"}, shown
+    for name, prompts in (("fewer-steps", 2), ("one-prompt", 1)):
+        assert shown[name]["params"]["params.yaml"]["data"]["evaluate"]["prompts_per_model"] == prompts
+    dino = {name: data["metrics"]["outputs/metrics.json"]["data"]["student"]["dino"] for name, data in shown.items()}
+    assert dino["fewer-steps"] != dino["one-prompt"], dino
+
+    diff = json.loads(_run([str(BIN / "dvc"), "metrics", "diff", "HEAD", "one-prompt", "--json"], root, env))
+    assert "student.dino" in diff["outputs/metrics.json"], diff
+    _run([str(BIN / "dvc"), "plots", "diff", "HEAD", "fewer-steps", "-o", "plots"], root, env)
+    assert "fewer-steps" in (root / "plots" / "index.html").read_text()
+
+
+def _experiments(shown: list) -> dict:
+    """`dvc exp show --json`'s experiments, by name: each one's params and metrics."""
+    return {rev["name"]: rev["data"] for baseline in shown for exp in baseline.get("experiments") or []
+            for rev in exp["revs"]}
+
+
+def test_plots_page_draws_offline(tmp_path):
+    """`dvc plots show` fills .dvc/config's template, which carries vega itself: the page loads nothing."""
+    root = tmp_path / "proj"
+    for name in (".dvc/config", "dvc.yaml", "params.yaml", "vendor/vega/plots.html"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, root / name)
+    (root / "outputs").mkdir()
+    for stage in ("supervise", "distill"):
+        (root / "outputs" / f"{stage}_loss.csv").write_text("step,loss\n1,0.9\n2,0.5\n3,0.4\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    _run([str(BIN / "dvc"), "plots", "show"], root, os.environ)
+    page = (root / "dvc_plots" / "index.html").read_text()
+    assert "<script src" not in page and "vegaEmbed(" in page
+    assert "supervise_loss.csv" in page and "distill_loss.csv" in page
