@@ -12,11 +12,12 @@ import contextlib
 import sys
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.states import Failed
 
 from orchestration.cache import check_path_params, stage_paths
 from orchestration.runlock import WAIT_ENV, run_lock
-from orchestration.stage import is_current, resolve_paths, written_places
+from orchestration.stage import is_current, resolve_paths, run_name, written_places
 from proxytune.params import ProxytuneError, load_params
 from tasks.bootstrap import bootstrap_task
 from tasks.distill import distill_task
@@ -36,7 +37,12 @@ TASKS = {
 STAGES = list(TASKS)
 
 
-@flow(name="proxytune")
+def _run_name() -> str:
+    parameters = flow_run.parameters
+    return run_name(parameters.get("params_file", "params.yaml"), parameters.get("stages"))
+
+
+@flow(name="proxytune", flow_run_name=_run_name)
 def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None, under: str = ".",
              paths: dict[str, str] | None = None, wait: float | None = None) -> dict[str, dict]:
     """Run `stages` (None: all) in pipeline order, their data laid out as in dvc.yaml below `under`; `paths`

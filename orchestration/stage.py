@@ -15,7 +15,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.states import Failed
 
 from ar_models import ModelConfigError
-from orchestration import tracking
+from orchestration import artifacts, tracking
 from orchestration.cache import (
     output_names,
     outputs_current,
@@ -25,6 +25,8 @@ from orchestration.cache import (
     stage_spec,
     write_stamp,
 )
+from proxytune import progress
+from proxytune.io import sha256_json
 from proxytune.params import ProxytuneError, get, load_params
 
 RunFn = Callable[[dict, "tracking.StageLogger", dict[str, Path]], dict]
@@ -76,20 +78,24 @@ def stage_params(stage: str, params: dict) -> dict:
 
 
 def stage_task(stage: str, run: RunFn):
-    """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked."""
+    """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked, follows the
+    stage's loops in a progress artifact and publishes what the stage wrote as artifacts (`orchestration.artifacts`)."""
 
     def execute(params_file: str = "params.yaml", paths: dict[str, str] | None = None):
         try:
             params = load_params(params_file)
             where = resolve_paths(stage, paths)
             key = stage_key(stage, params, where)
-            with tracking.stage_run(stage, params, stage_params(stage, params)) as log:
+            shown = artifacts.ProgressArtifact(stage, params)
+            with tracking.stage_run(stage, params, stage_params(stage, params)) as log, progress.reporting(shown):
                 outputs = run(params, log, where)
         except (ProxytuneError, ModelConfigError) as e:
             # Bad input, not a bug: one clear line instead of a traceback.
             get_run_logger().error(str(e))
             return Failed(message=str(e))
         write_stamp(stage, key, where)
+        artifacts.publish(stage, params, outputs)
+        shown.finish()
         return outputs
 
     execute.__name__ = stage
@@ -97,6 +103,17 @@ def stage_task(stage: str, run: RunFn):
     return task(
         name=stage, cache_policy=StageCache(stage), persist_result=True, result_serializer="json",
     )(execute)
+
+
+def run_name(params_file: str, stages: list[str] | None) -> str:
+    """`<stages> · <subject> · <params hash>`, what a flow run does, as its name in the UI's runs list. The hash
+    is MLflow's `params.sha256` tag of the same run, so the two can be matched."""
+    what = "+".join(stages) if stages else "all stages"
+    try:
+        params = load_params(params_file)
+    except ProxytuneError:
+        return f"{what} · bad params"  # the run itself says why, in one line
+    return f"{what} · {get(params, 'subject.name')} · {sha256_json(params)[:8]}"
 
 
 def is_current(stage: str, params_file: str = "params.yaml", paths: dict[str, str] | None = None) -> bool:
