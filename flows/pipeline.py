@@ -15,6 +15,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Failed
 
+from orchestration import server
 from orchestration.cache import check_path_params, stage_paths
 from orchestration.runlock import WAIT_ENV, run_lock
 from orchestration.stage import is_current, resolve_paths, run_name, written_places
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_path_params(stage, params)
             # and a busy output: the flow takes these locks again (a process holds each once)
             hold.enter_context(run_lock(written_places(args.stage or STAGES, args.under, paths), args.wait))
+            hold.enter_context(server.reused())  # one server for every stage of a `dvc repro`, when one runs
         except ProxytuneError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
