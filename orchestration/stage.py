@@ -25,6 +25,7 @@ from orchestration.cache import (
     stage_spec,
     write_stamp,
 )
+from orchestration.overrides import effective_params
 from proxytune import progress
 from proxytune.io import sha256_json
 from proxytune.params import ProxytuneError, get, load_params
@@ -105,12 +106,12 @@ def stage_task(stage: str, run: RunFn):
     )(execute)
 
 
-def run_name(params_file: str, stages: list[str] | None) -> str:
+def run_name(params_file: str, stages: list[str] | None, overrides=None) -> str:
     """`<stages> · <subject> · <params hash>`, what a flow run does, as its name in the UI's runs list. The hash
-    is MLflow's `params.sha256` tag of the same run, so the two can be matched."""
+    (of the params with any `overrides`) is MLflow's `params.sha256` tag of the same run, so the two match."""
     what = "+".join(stages) if stages else "all stages"
     try:
-        params = load_params(params_file)
+        params = effective_params(params_file, overrides)
     except ProxytuneError:
         return f"{what} · bad params"  # the run itself says why, in one line
     return f"{what} · {get(params, 'subject.name')} · {sha256_json(params)[:8]}"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO, edit_params
@@ -62,3 +64,68 @@ def test_stage_processes_reuse_the_recorded_server(tmp_path, prefect_api, monkey
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"})
     assert out.stdout.split() == [prefect_api, prefect_api], out.stderr
+
+
+def test_a_deployment_runs_another_subject_from_typed_overrides(project, prefect_api, tmp_path):
+    """As the UI's Run form does: the served deployment, new photos and class noun, no params.yaml edited."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    photos = tmp_path / "cup_photos"
+    shutil.copytree(project / "data/demo_subject", photos)
+    served = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "PREFECT_API_URL": prefect_api})
+    try:
+        overrides = {"subject": {"name": "red_cup", "images": str(photos), "class_noun": "cup"}}
+        with temporary_settings({PREFECT_API_URL: prefect_api}):
+            _wait_for_deployment("proxytune/full", served)
+            run = run_deployment("proxytune/full", timeout=900, parameters={
+                "params_file": str(project / "params.yaml"), "under": str(project),
+                "stages": ["prepare", "supervise"], "overrides": overrides})
+    finally:
+        served.terminate()
+        served.wait(timeout=60)
+    assert run.state.type.value == "COMPLETED", run.state
+    assert run.name.startswith("prepare+supervise · red_cup · ") and run.parameters["overrides"] == overrides
+    assert "red_cup" not in (project / "params.yaml").read_text()
+    keys, logs = _artifacts_and_logs(prefect_api, run.id)
+    assert {"prepare-red-cup", "supervise-red-cup", "supervise-red-cup-progress"} <= keys
+    assert any(m.startswith("supervise: step 4/4 loss ") for m in logs)
+    assert "a photo of sks cup" in (project / "outputs/prepare/captions.jsonl").read_text()
+
+
+def test_overrides_are_checked_before_any_stage_starts(project):
+    from flows.pipeline import pipeline
+
+    state = pipeline(params_file=str(project / "params.yaml"), under=str(project), return_state=True,
+                     overrides={"supervisor": {"steps": -5}, "subject": {"class_noun": "cup"}})
+    assert state.is_failed() and state.message == "params: supervisor.steps = -5: must be >= 1"
+    assert not (project / "outputs").exists()
+
+
+def _wait_for_deployment(name: str, served: subprocess.Popen, seconds: float = 300) -> None:
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except ObjectNotFound:
+                if served.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"deployment {name} was not registered (serve exit code {served.poll()})")
+                time.sleep(1)
+
+
+def _artifacts_and_logs(api: str, run_id) -> tuple[set[str], list[str]]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return {a.key for a in artifacts}, [log.message for log in logs]
