@@ -12,6 +12,7 @@ from typing import Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
+from prefect.logging.handlers import APILogWorker
 from prefect.states import Failed
 
 from ar_models import ModelConfigError
@@ -97,6 +98,7 @@ def stage_task(stage: str, run: RunFn):
         write_stamp(stage, key, where)
         artifacts.publish(stage, params, outputs)
         shown.finish()
+        APILogWorker.drain_all(timeout=30)  # the stage's step logs reach the UI before its run ends, not after
         return outputs
 
     execute.__name__ = stage

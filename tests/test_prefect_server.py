@@ -88,9 +88,14 @@ def test_a_deployment_runs_another_subject_from_typed_overrides(project, prefect
     assert run.state.type.value == "COMPLETED", run.state
     assert run.name.startswith("prepare+supervise · red_cup · ") and run.parameters["overrides"] == overrides
     assert "red_cup" not in (project / "params.yaml").read_text()
-    keys, logs = _artifacts_and_logs(prefect_api, run.id)
+    deadline = time.monotonic() + 60  # the run's process sends its last logs in a batch as it exits
+    while True:
+        keys, logs = _artifacts_and_logs(prefect_api, run.id)
+        if any(m.startswith("supervise: step 4/4 loss ") for m in logs) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert {"prepare-red-cup", "supervise-red-cup", "supervise-red-cup-progress"} <= keys
-    assert any(m.startswith("supervise: step 4/4 loss ") for m in logs)
+    assert any(m.startswith("supervise: step 4/4 loss ") for m in logs), logs
     assert "a photo of sks cup" in (project / "outputs/prepare/captions.jsonl").read_text()
 
 
