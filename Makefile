@@ -34,7 +34,9 @@ lock:
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^\(pip\|setuptools\|wheel\)=='; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK) && rm -rf .lock-venv
 
+# One Prefect server for every stage (started once, detached, then reused; `python -m orchestration.server --stop`).
 demo: $(VENV)/.runtime-$(DEPS_HASH)
+	@[ -n "$$PREFECT_API_URL" ] || echo "Prefect API (UI without /api): $$($(PY) -m orchestration.server)"
 	$(BIN)/dvc repro
 	$(PY) -m orchestration.summary
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from prefect import flow
+from prefect.runtime import flow_run
 from prefect.states import Failed
 
-from orchestration import tracking
+from orchestration import server, tracking
 from orchestration.cache import check_path_params, stage_paths
+from orchestration.overrides import Overrides, write_params
 from orchestration.runlock import WAIT_ENV, run_lock
-from orchestration.stage import is_current, resolve_paths, written_places
+from orchestration.stage import is_current, resolve_paths, run_name, written_places
 from proxytune.params import ProxytuneError, load_params
 from tasks.bootstrap import bootstrap_task
 from tasks.distill import distill_task
@@ -37,12 +40,21 @@ TASKS = {
 STAGES = list(TASKS)
 
 
-@flow(name="proxytune")
+def _run_name() -> str:
+    parameters = flow_run.parameters
+    return run_name(parameters.get("params_file", "params.yaml"), parameters.get("stages"),
+                    parameters.get("overrides"))
+
+
+@flow(name="proxytune", flow_run_name=_run_name)
 def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None, under: str = ".",
-             paths: dict[str, str] | None = None, wait: float | None = None) -> dict[str, dict]:
+             paths: dict[str, str] | None = None, wait: float | None = None,
+             overrides: Overrides | None = None) -> dict[str, dict]:
     """Run `stages` (None: all) in pipeline order, their data laid out as in dvc.yaml below `under`; `paths`
     names a single stage's paths explicitly. A stage whose outputs are stale refreshes its cache. Another run
     writing the same outputs stops this one, or is waited for up to `wait` seconds (`runlock.wait_seconds`).
+    `overrides` replace params.yaml's values for this run (a new subject from the UI's Run form); the result
+    is checked, with each stage's path params, before any stage starts.
 
     Returns, per stage, its output paths and whether Prefect served it from cache.
     """
@@ -52,6 +64,13 @@ def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None, 
     chosen = STAGES if stages is None else [s for s in STAGES if s in stages]
     if paths and len(chosen) != 1:
         raise ProxytuneError("explicit stage paths need exactly one --stage")
+    try:
+        params_file = write_params(params_file, overrides, Path(under) / ".proxytune" / "params")
+        params = load_params(params_file)
+        for stage in chosen:
+            check_path_params(stage, params)
+    except ProxytuneError as e:
+        return Failed(message=str(e))
     results = {}
     with run_lock(written_places(chosen, under, paths), wait), tracking.pipeline_run():
         for stage in chosen:
@@ -81,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_path_params(stage, params)
             # and a busy output: the flow takes these locks again (a process holds each once)
             hold.enter_context(run_lock(written_places(args.stage or STAGES, args.under, paths), args.wait))
+            hold.enter_context(server.reused())  # one server for every stage of a `dvc repro`, when one runs
         except ProxytuneError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -2,7 +2,9 @@
 
 Start a server first (`prefect server start`), point this process at it
 (`export PREFECT_API_URL=http://127.0.0.1:4200/api`), then `python -m flows.serve`. The UI's
-"Run" button on a deployment takes the flow's parameters (`params_file`, `stages`).
+"Run" button on a deployment takes the flow's parameters (`params_file`, `stages`, `under`) and `overrides`:
+the params schema with every key optional, so a run for a new subject (photos folder, class noun, method,
+steps) needs no edit of params.yaml; the overrides are recorded with the run and checked before any stage starts.
 """
 from __future__ import annotations
 

@@ -12,10 +12,11 @@ from typing import Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
+from prefect.logging.handlers import APILogWorker
 from prefect.states import Failed
 
 from ar_models import ModelConfigError
-from orchestration import tracking
+from orchestration import artifacts, tracking
 from orchestration.cache import (
     output_names,
     outputs_current,
@@ -25,6 +26,9 @@ from orchestration.cache import (
     stage_spec,
     write_stamp,
 )
+from orchestration.overrides import effective_params
+from proxytune import progress
+from proxytune.io import sha256_json
 from proxytune.params import ProxytuneError, get, load_params
 
 RunFn = Callable[[dict, "tracking.StageLogger", dict[str, Path]], dict]
@@ -76,8 +80,9 @@ def stage_params(stage: str, params: dict) -> dict:
 
 
 def stage_task(stage: str, run: RunFn, model_role: str | None = None):
-    """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked. With
-    `model_role`, the stage's `out` folder is also logged and registered as that MLflow model
+    """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked, follows the
+    stage's loops in a progress artifact and publishes what the stage wrote as artifacts (`orchestration.artifacts`).
+    With `model_role`, the stage's `out` folder is also logged and registered as that MLflow model
     (`orchestration.registry`)."""
 
     def execute(params_file: str = "params.yaml", paths: dict[str, str] | None = None):
@@ -85,7 +90,8 @@ def stage_task(stage: str, run: RunFn, model_role: str | None = None):
             params = load_params(params_file)
             where = resolve_paths(stage, paths)
             key = stage_key(stage, params, where)
-            with tracking.stage_run(stage, params, stage_params(stage, params)) as log:
+            shown = artifacts.ProgressArtifact(stage, params)
+            with tracking.stage_run(stage, params, stage_params(stage, params)) as log, progress.reporting(shown):
                 outputs = run(params, log, where)
                 if model_role:
                     log.model(model_role, where["out"], params)
@@ -94,6 +100,9 @@ def stage_task(stage: str, run: RunFn, model_role: str | None = None):
             get_run_logger().error(str(e))
             return Failed(message=str(e))
         write_stamp(stage, key, where)
+        artifacts.publish(stage, params, outputs)
+        shown.finish()
+        APILogWorker.drain_all(timeout=30)  # the stage's step logs reach the UI before its run ends, not after
         return outputs
 
     execute.__name__ = stage
@@ -101,6 +110,17 @@ def stage_task(stage: str, run: RunFn, model_role: str | None = None):
     return task(
         name=stage, cache_policy=StageCache(stage), persist_result=True, result_serializer="json",
     )(execute)
+
+
+def run_name(params_file: str, stages: list[str] | None, overrides=None) -> str:
+    """`<stages> · <subject> · <params hash>`, what a flow run does, as its name in the UI's runs list. The hash
+    (of the params with any `overrides`) is MLflow's `params.sha256` tag of the same run, so the two match."""
+    what = "+".join(stages) if stages else "all stages"
+    try:
+        params = effective_params(params_file, overrides)
+    except ProxytuneError:
+        return f"{what} · bad params"  # the run itself says why, in one line
+    return f"{what} · {get(params, 'subject.name')} · {sha256_json(params)[:8]}"
 
 
 def is_current(stage: str, params_file: str = "params.yaml", paths: dict[str, str] | None = None) -> bool:

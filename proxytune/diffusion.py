@@ -7,12 +7,14 @@ scheduler config says) and SD3/SD3.5 and FLUX.1 (transformer, flow matching).
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from proxytune.params import ProxytuneError
+from proxytune.progress import Progress
 
 FAMILIES = {
     "StableDiffusionPipeline": "sd",
@@ -112,19 +114,24 @@ def family_call_kwargs(pipe) -> dict:
 
 @torch.inference_mode()
 def sample(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-           resolution: int | None = None, batch_size: int = 1) -> list[Image.Image]:
+           resolution: int | None = None, batch_size: int = 1, progress: str | None = "sampling") -> list[Image.Image]:
     """One image per (prompt, seed), each from its own generator, `batch_size` images per pipeline call.
 
     Kernels round differently with the batch size (an image rendered in a batch of 8 and alone can differ
     by one level in a few pixels), so an image is a function of (prompt, seed, batch_size); the default of
-    one per call makes any manifest row regenerate exactly on its own.
+    one per call makes any manifest row regenerate exactly on its own. `progress` names the loop in the
+    progress reports (None: the caller reports, as a loop over batches does).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     images = []
-    for i in range(0, len(prompts), batch_size):
-        out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                   width=resolution, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds[i:i + batch_size]],
-                   **family_call_kwargs(pipe))
-        images.extend(out.images)
+    with Progress(progress, len(prompts), unit="image") if progress else nullcontext() as bar:
+        for i in range(0, len(prompts), batch_size):
+            out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
+                       height=resolution, width=resolution, generator=[torch.Generator("cpu").manual_seed(s)
+                                                                       for s in seeds[i:i + batch_size]],
+                       **family_call_kwargs(pipe))
+            images.extend(out.images)
+            if bar is not None:
+                bar.advance(len(out.images))
     return images

@@ -31,6 +31,7 @@ from proxytune.diffusion import FLOW_FAMILIES, TEXTUAL_INVERSION_FILE, family_of
 from proxytune.images import load_rgb, to_tensor
 from proxytune.io import atomic_file, cache_dir, canonical_safetensors, read_or_heal, sha256_json, sha256_tree
 from proxytune.params import ProxytuneError
+from proxytune.progress import Progress
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -213,15 +214,17 @@ class DreamBoothLoRA:
         images = [read_or_heal(f, load_rgb) for f in files]
         missing = [i for i, img in enumerate(images) if img is None]
         self.class_images_rendered = len(missing)
-        for start in range(0, len(missing), cfg.class_batch_size):
-            chunk = missing[start:start + cfg.class_batch_size]
-            rendered = sample(self.pipe, [cfg.class_prompt] * len(chunk), [cfg.seed * 100_000 + i for i in chunk],
-                              cfg.sample_steps, cfg.guidance_scale, resolution=self.resolution,
-                              batch_size=cfg.class_batch_size)
-            for i, img in zip(chunk, rendered):
-                with atomic_file(files[i]) as tmp:
-                    img.save(tmp, format="PNG")
-                images[i] = img.convert("RGB")
+        with Progress("class images", len(missing), unit="image") as bar:
+            for start in range(0, len(missing), cfg.class_batch_size):
+                chunk = missing[start:start + cfg.class_batch_size]
+                rendered = sample(self.pipe, [cfg.class_prompt] * len(chunk),
+                                  [cfg.seed * 100_000 + i for i in chunk], cfg.sample_steps, cfg.guidance_scale,
+                                  resolution=self.resolution, batch_size=cfg.class_batch_size, progress=None)
+                for i, img in zip(chunk, rendered):
+                    with atomic_file(files[i]) as tmp:
+                        img.save(tmp, format="PNG")
+                    images[i] = img.convert("RGB")
+                bar.advance(len(chunk))
         return images
 
     def _add_pivotal_tokens(self) -> None:
@@ -424,7 +427,7 @@ class DreamBoothLoRA:
         try:
             with self.autocast():
                 return sample(self.pipe, prompts, seeds, self.cfg.sample_steps, self.cfg.guidance_scale,
-                              resolution=self.resolution)
+                              resolution=self.resolution, progress=None)  # a pause inside training's own bar
         finally:
             self._train_mode(True)
             torch.set_rng_state(rng)

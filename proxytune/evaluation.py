@@ -39,7 +39,7 @@ def supervisor_samples(params: dict, prompts: list[str], lora_dir: Path | None) 
     seeds = [int(params["seed"]) * 7919 + i for i in range(len(prompts))]
     return sample(pipe, prompts, seeds, int(get(params, "supervisor.sample_steps")),
                   float(get(params, "supervisor.guidance_scale")),
-                  resolution=int(get(params, "prepare.resolution")))
+                  resolution=int(get(params, "prepare.resolution")), progress="supervisor samples")
 
 
 def load_evaluators(params: dict, notes: list[str]) -> tuple[metrics.EmbeddingCache, metrics.DinoEmbedder,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from proxytune.io import atomic_file, atomic_write_text, read_or_heal
+from proxytune.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ class Checkpointer:
 
 def train(recipe, steps: int, log, checkpoints: Checkpointer, name: str = "training") -> list[dict]:
     """Run `steps` train steps (resuming from the newest checkpoint); returns the per-step loss history.
-    `name` (the stage) is what the log line about a resume names, so a user sees why a run was quick."""
+    `name` (the stage) is what the log lines about a resume and the progress name, so a user sees why a run
+    was quick and how far it is."""
     history, start = [], 0
     found = checkpoints.latest()
     if found is not None:
@@ -81,12 +83,14 @@ def train(recipe, steps: int, log, checkpoints: Checkpointer, name: str = "train
         logger.info("resuming %s from step %d (checkpoint %s)", name, state["step"], path)
         load_recipe_state(recipe, state["recipe"])
         history, start = state["history"], state["step"]
-    for step in range(start + 1, steps + 1):
-        losses = recipe.train_step()
-        history.append({"step": step, **losses})
-        log.metrics(losses, step=step)
-        if checkpoints.due(step):
-            checkpoints.save(step, {"recipe": recipe_state(recipe), "history": history, "step": step})
+    with Progress(name, steps, start=start) as bar:
+        for step in range(start + 1, steps + 1):
+            losses = recipe.train_step()
+            history.append({"step": step, **losses})
+            log.metrics(losses, step=step)
+            if checkpoints.due(step):
+                checkpoints.save(step, {"recipe": recipe_state(recipe), "history": history, "step": step})
+            bar.advance(**losses)
     return history
 
 

@@ -26,6 +26,7 @@ from orchestration.stage import launched_stage_args, stage_task
 from proxytune.diffusion import load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
+from proxytune.progress import Progress
 from proxytune.prompts import proxy_prompts, subject_phrase
 
 
@@ -61,7 +62,7 @@ def render_batch(pipe, rows: list[dict]) -> list[Image.Image]:
     so each image is fixed by its seed and the batch it was rendered in."""
     first = rows[0]
     return sample(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], first["steps"],
-                  first["guidance_scale"], first["resolution"], batch_size=len(rows))
+                  first["guidance_scale"], first["resolution"], batch_size=len(rows), progress=None)
 
 
 def regenerate(pipe, row: dict, rows: list[dict]) -> Image.Image:
@@ -111,17 +112,19 @@ def render(params: dict, paths: dict[str, Path], rank: int = 0, world: int = 1,
     pipe = load_supervisor(params, paths["supervised"], device)
     score = dino_scorer(params, paths["prepared"], device) if cfg["min_dino"] is not None else None
     (work / "images").mkdir(parents=True, exist_ok=True)
-    for batch in todo:
-        images = render_batch(pipe, batch)
-        scores = score(images) if score else [None] * len(images)
-        done = []
-        for row, image, dino in zip(batch, images, scores, strict=True):
-            rel = f"images/{row['index']:05d}.png"
-            with atomic_file(work / rel) as tmp:
-                image.save(tmp, format="PNG")
-            done.append({**row, "file": rel, "sha256": sha256_file(work / rel), "dino": dino,
-                         "scheduler": type(pipe.scheduler).__name__})
-        write_jsonl(batch_file(work, batch), done)
+    with Progress("synthesize", sum(map(len, todo)), unit="image") as bar:
+        for batch in todo:
+            images = render_batch(pipe, batch)
+            scores = score(images) if score else [None] * len(images)
+            done = []
+            for row, image, dino in zip(batch, images, scores, strict=True):
+                rel = f"images/{row['index']:05d}.png"
+                with atomic_file(work / rel) as tmp:
+                    image.save(tmp, format="PNG")
+                done.append({**row, "file": rel, "sha256": sha256_file(work / rel), "dino": dino,
+                             "scheduler": type(pipe.scheduler).__name__})
+            write_jsonl(batch_file(work, batch), done)
+            bar.advance(len(batch))
     return work
 
 
