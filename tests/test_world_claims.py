@@ -41,3 +41,12 @@ def test_table_has_one_line_per_arm_with_mean_and_spread(rows):
     assert lines[0].startswith("| arm |") and len(lines) == 2 + 2
     assert all("±" in line for line in lines[2:])
     assert len(rows) == 3 * 2 and set(rows["seed"]) == {0, 1, 2}
+
+
+def test_the_shipped_supervisor_beats_the_shipped_student_on_clip_t(tmp_path, monkeypatch):
+    """The claims' premise, from the weights in models/world: the base supervisor follows prompts better than
+    the base student, on held-out world captions and on the evaluation templates."""
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "cache"))
+    checks = claims.base_gate(load_params(REPO / "params.yaml"), claims.ClaimsConfig())
+    assert [c.name for c in checks] == ["CLIP-T, held-out world captions", "CLIP-T, evaluation templates"]
+    assert all(c.passed for c in checks), claims.gate_markdown(checks)

@@ -160,6 +160,7 @@ def test_the_shipped_world_models_load_through_the_pipeline_loaders():
     """models/world is what params.yaml points at: each part loads with the loader a real checkpoint uses."""
     from conftest import REPO
 
+    from orchestration import presets
     from proxytune.diffusion import load_pipeline
     from proxytune.params import load_params
 
@@ -168,14 +169,16 @@ def test_the_shipped_world_models_load_through_the_pipeline_loaders():
     for key in ("checkpoint", "vq_checkpoint", "text_encoder"):
         student[key] = str(REPO / student[key])
     assert load_student(student).generate(["a red ball on the beach"], seed=0).shape == (1, 3, 32, 32)
+    var = dict(params["student"], **presets.read("student_var_world")["student"], device="cpu")
+    for key in ("checkpoint", "vq_checkpoint", "tokenizer"):
+        var[key] = str(REPO / var[key])
+    assert load_student(var).generate(["a ball"], seed=0).shape == (1, 3, 32, 32)
     assert load_pipeline(str(REPO / params["supervisor"]["model"])).vae.config.sample_size == 32
     e = params["evaluate"]
     DinoEmbedder(REPO / e["dino"])
     ClipEmbedder(e["clip_model"], REPO / e["clip_pretrained"], config_dir=REPO / e["clip_config_dir"])
 
 
-@pytest.mark.xfail(strict=True, reason="models/world still holds the weights of the previous plan (fixed 6000-image "
-                   "set, random supervisor text encoder, no VAR); `make world` re-creates them with PLAN")
 def test_the_shipped_world_models_were_trained_with_the_current_plan():
     from conftest import REPO
 
