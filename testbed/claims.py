@@ -153,15 +153,18 @@ def world_split(student: dict, early_scales: int) -> int:
 
 def arm_params(params: dict, arm: str, var_preset: str = VAR_PRESET) -> dict:
     """The params an arm runs with: the base params with the arm's `student` overlay, merged over the
-    next-scale student of `var_preset` (its scale split fitted to its scale count) for that student's arms."""
+    next-scale student of `var_preset` for that student's arms; the schema's scale split is fitted to that
+    student's scale count unless the preset sets `early_scales` itself."""
     overlay = copy.deepcopy(ARMS[arm])
     if overlay is None:
         return params
     out = copy.deepcopy(params)
     if overlay.pop("base", None) == NEXT_SCALE["base"]:
-        presets.merge(out["student"], next_scale_student(var_preset))
+        student = next_scale_student(var_preset)
+        presets.merge(out["student"], student)
         weights = out["student"]["arbooth"]["scale_weights"]
-        weights["early_scales"] = world_split(out["student"], int(weights["early_scales"]))
+        if "early_scales" not in (student.get("arbooth") or {}).get("scale_weights", {}):  # a preset's own split
+            weights["early_scales"] = world_split(out["student"], int(weights["early_scales"]))  # counts its scales
     presets.merge(out["student"], overlay)
     return out
 

@@ -153,6 +153,16 @@ def test_next_scale_arms_take_the_presets_student_and_split_its_scales(world_par
     assert scaled["arbooth"]["prior_weight"] == world_params["student"]["arbooth"]["prior_weight"]
 
 
+def test_a_presets_own_scale_split_is_kept_and_the_flat_arm_differs():
+    """The world VAR's preset says `early_scales: 4` in its own 6 scales: fitting it again would make it 0, every
+    scale `late`, and the scale-wise arm the flat one."""
+    params = load_params(REPO / "params.yaml")
+    scaled = claims.arm_params(params, "arbooth_var")["student"]["arbooth"]["scale_weights"]
+    flat = claims.arm_params(params, "arbooth_var_flat")["student"]["arbooth"]["scale_weights"]
+    assert (scaled["early_scales"], scaled["early"], scaled["late"]) == (4, 1.0, 0.5)
+    assert (flat["early"], flat["late"]) == (1.0, 1.0)
+
+
 def test_the_world_vars_six_scales_split_four_and_two():
     assert claims.world_split({"family": "var", "size": "tiny", "patch_nums": [1, 2, 3, 4, 6, 8]}, 8) == 4
     assert claims.world_split({"family": "var", "size": "d16"}, 8) == 8
