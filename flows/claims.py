@@ -24,8 +24,9 @@ def run_subject_seed(base: dict, index: int, seed: int, config: claims.ClaimsCon
     params = claims.subject_params(base, index, seed, work)
     paths = {name: stage_paths(name, work) for name in ("prepare", "supervise", "synthesize", "distill")}
     prepare.run(params, claims.NoLog(), paths["prepare"])
-    supervise.run(params, claims.NoLog(), paths["supervise"])
-    synthesize.run(params, claims.NoLog(), paths["synthesize"])
+    if claims.needs_supervisor(config.arms):
+        supervise.run(params, claims.NoLog(), paths["supervise"])
+        synthesize.run(params, claims.NoLog(), paths["synthesize"])
     scorer, rows = claims.ArmScorer(params, index, config, paths), []
     for arm in config.arms:
         arm_params = claims.arm_params(params, arm, config.var_preset)

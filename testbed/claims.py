@@ -128,6 +128,12 @@ def _drawer(arm: str, params: dict, subject: world.Spec, lora_dir: Path, distill
     return draw
 
 
+def needs_supervisor(arms) -> bool:
+    """Whether any of `arms` draws with the DreamBooth supervisor or trains on its proxies: the others (the
+    references-only claims) skip `supervise` and `synthesize`."""
+    return any(arm == "supervisor" or "proxies" in (ARMS[arm] or {}).get("data", "") for arm in arms)
+
+
 def tuned(arm: str) -> bool:
     """Whether `arm` is a student the distill stage tunes (the others draw with base weights or are no student)."""
     return "method" in (ARMS[arm] or {})

@@ -1,6 +1,8 @@
-"""The miniature world's acceptance: with the shipped world-pretrained models and the project's default
-settings (Sun et al.'s two stages on the subject's photos), personalisation measurably teaches the student the
-subject without costing it the prompt."""
+"""The miniature world's acceptance, from the shipped world-pretrained models: the premise of the claims (a base
+supervisor that follows prompts better than its student) and every claim that reproduces in
+bench/claims_bench.py, judged by the same rule (difference beyond the larger seed spread) on the same 3 subjects x
+3 seeds and 4 images per prompt (at 1 image per prompt (b)'s DINO gain sinks into the spread), at fast settings:
+2 class-prompt images for PRES and only the arms that train on the references, so no supervisor is tuned."""
 from __future__ import annotations
 
 import pytest
@@ -10,37 +12,34 @@ from flows import claims as claims_runner
 from proxytune.params import load_params
 from testbed import claims
 
+# What reproduces in the README's table: (b) both comparisons, (c) PRES and the scale-wise loss on both metrics.
+# (a) and (d) do not, and are not asserted.
+REPRODUCING_ARMS = ("embedding_only", "two_stage", "arbooth_no_prior", "arbooth", "arbooth_var", "arbooth_var_flat")
+
 
 @pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    """One world subject, three seeds (each its own supervisor, proxies, tuning and samples)."""
+def verdicts(tmp_path_factory):
     work = tmp_path_factory.mktemp("claims")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PROXYTUNE_CACHE", str(work / "cache"))
-        config = claims.ClaimsConfig(subjects=(0,), seeds=(0, 1, 2), arms=("untuned", "two_stage"))
-        return claims_runner.run(load_params(REPO / "params.yaml"), config, work)
+        config = claims.ClaimsConfig(arms=REPRODUCING_ARMS, pres_images=2)
+        assert not claims.needs_supervisor(config.arms)
+        rows = claims_runner.run(load_params(REPO / "params.yaml"), config, work, workers=2)
+    assert len(rows) == 3 * 3 * len(REPRODUCING_ARMS)
+    return {(v.claim, v.better, v.worse, v.metric): v for v in claims.verdicts(rows)}
 
 
-@pytest.mark.parametrize("metric", ["dino", "clip_i"])
-def test_personalisation_beats_the_untuned_student_by_more_than_the_seed_spread(rows, metric):
-    t = claims.table(rows)
-    tuned, untuned = t.loc["two_stage", ("mean", metric)], t.loc["untuned", ("mean", metric)]
-    spread = max(t.loc["two_stage", ("spread", metric)], t.loc["untuned", ("spread", metric)])
-    assert tuned - untuned > spread, f"{metric}: tuned {tuned:.3f} vs untuned {untuned:.3f}, spread {spread:.3f}"
-
-
-def test_recontextualisation_prompts_keep_their_clip_t(rows):
-    t = claims.table(rows)
-    tuned, untuned = t.loc["two_stage", ("mean", "clip_t_scenes")], t.loc["untuned", ("mean", "clip_t_scenes")]
-    assert tuned >= 0.9 * untuned, f"CLIP-T on scene prompts: tuned {tuned:.3f} vs untuned {untuned:.3f}"
-
-
-def test_table_has_one_line_per_arm_with_mean_and_spread(rows):
-    text = claims.markdown(rows)
-    lines = text.splitlines()
-    assert lines[0].startswith("| arm |") and len(lines) == 2 + 2
-    assert all("±" in line for line in lines[2:])
-    assert len(rows) == 3 * 2 and set(rows["seed"]) == {0, 1, 2}
+@pytest.mark.parametrize("comparison", [
+    ("b", "two_stage", "embedding_only", "dino"),
+    ("b", "two_stage", "embedding_only", "clip_i"),
+    ("c", "arbooth", "arbooth_no_prior", "pres"),
+    ("c", "arbooth_var", "arbooth_var_flat", "dino"),
+    ("c", "arbooth_var", "arbooth_var_flat", "clip_i"),
+])
+def test_the_claim_reproduces(verdicts, comparison):
+    v = verdicts[comparison]
+    assert v.reproduces, (f"{v.better} vs {v.worse} on {v.metric}: {v.better_mean:.3f} vs {v.worse_mean:.3f}, "
+                          f"spread {v.spread:.3f}")
 
 
 def test_the_shipped_supervisor_beats_the_shipped_student_on_clip_t(tmp_path, monkeypatch):
