@@ -47,8 +47,8 @@ test: $(VENV)/.dev-$(DEPS_HASH)
 bench: $(VENV)/.dev-$(DEPS_HASH)
 	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
 
-# Re-create the world-pretrained models (models/world) from seed 0, two groups at a time on a 2-core CPU: the
-# supervisor group took 60 min and the LlamaGen group 45 min side by side; VAR (~30 min) and the evaluators follow.
+# Re-create the world-pretrained models (models/world) from seed 0, two groups at a time on a 2-core CPU: 81 min
+# here (supervisor 71 min beside LlamaGen 55 min, then VAR 27 min and the evaluators 9 min), weights in fp16.
 world: $(VENV)/.runtime-$(DEPS_HASH)
 	$(PY) -m testbed.world_pretrain --out models/world
 
