@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  adapters      {supervise['out']}, {distill['out']}")
     print(f"  MLflow store  {tracking_uri()}   (mlflow ui --backend-store-uri {tracking_uri()}, then open "
           "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning)")
-    print(f"  Prefect       {os.environ.get('PREFECT_HOME', root / '.prefect')}   (make prefect-server, then open http://127.0.0.1:4200)")
+    print(f"  Prefect       {os.environ.get('PREFECT_HOME', root / '.prefect')}   (open the server make demo left running, else make prefect-server; stop it: python -m orchestration.server --stop)")
     if metrics.is_file():
         scores = json.loads(metrics.read_text())
         print("\n  model        DINO    CLIP-I  CLIP-T")
