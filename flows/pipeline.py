@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_path_params(stage, params)
             # and a busy output: the flow takes these locks again (a process holds each once)
             hold.enter_context(run_lock(written_places(args.stage or STAGES, args.under, paths), args.wait))
-            hold.enter_context(server.reused())  # one server for every stage of a `dvc repro`, when one runs
+            # one server for every stage of a `dvc repro`: its first stage starts it, the others reuse it
+            hold.enter_context(server.reused(start="DVC_STAGE" in os.environ))
         except ProxytuneError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

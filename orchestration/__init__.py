@@ -12,6 +12,9 @@ os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The temporary API server Prefect starts per process can be slow to come up on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+# A heartbeat event every 30 s (Prefect's minimum; default 180) per flow run, so a killed process's run is marked
+# Crashed within minutes by the server's crash watch (`orchestration.server`).
+os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
 # The library's own log lines (a stage resuming from its checkpoint, a cache entry healed) go to the console and to
 # the Prefect run's logs; outside a run they stay on the console.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "proxytune")

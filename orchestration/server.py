@@ -3,7 +3,12 @@
 A temporary server costs every stage 10-25 s to start, and dies with the stage: a stage killed mid-run
 stays "Running" forever because nobody is left to hear it crash. `ensure` starts one server on 127.0.0.1,
 records its address and pid in `$PREFECT_HOME/server.json`, and any later stage process reuses it while it
-answers. `python -m orchestration.server` prints its API address (starting it if needed); `--stop` stops it.
+answers; under `dvc repro` the first stage starts it. `python -m orchestration.server` prints its API address
+(starting it if needed); `--stop` stops it.
+
+A process killed outright (SIGKILL, the OOM killer) cannot report its crash. Every flow run sends a heartbeat
+event (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY`, set in `orchestration`); `ensure` installs Prefect's zombie-flow
+automation on the server, which marks a run Crashed once its heartbeats stop.
 """
 from __future__ import annotations
 
@@ -17,13 +22,16 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
+from proxytune.io import atomic_write_text
 from proxytune.params import ProxytuneError
 
-DEFAULT_PORT = 4200  # the UI address the README gives
 STARTUP_SECONDS = 180  # a busy 2-core machine needs a while to migrate a fresh database
+CRASH_WATCH = "proxytune: a flow run whose heartbeats stop is Crashed"
+MISSED_HEARTBEATS = 3  # silence this many heartbeat periods long means the process is gone, not busy
 
 
 def home() -> Path:
@@ -66,32 +74,75 @@ def start(prefect_home: Path, port: int | None = None, detach: bool = False) -> 
     return server, api
 
 
+def default_port() -> int:
+    """Prefect's own server port setting (`PREFECT_SERVER_API_PORT`, 4200: the UI address the README gives)."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().server.api.port
+
+
 def running(prefect_home: Path) -> str | None:
     """The API address of the recorded server, else of one on the default port (`make prefect-server`), if it
     answers."""
     record = prefect_home / "server.json"
     recorded = [json.loads(record.read_text())["api"]] if record.is_file() else []
-    return next((api for api in [*recorded, f"http://127.0.0.1:{DEFAULT_PORT}/api"] if healthy(api)), None)
+    return next((api for api in [*recorded, f"http://127.0.0.1:{default_port()}/api"] if healthy(api)), None)
 
 
 def ensure(prefect_home: Path) -> str:
-    """A running server's API address, else start and record a detached one (on the default port if free)."""
+    """A running server's API address, else start and record a detached one (on the default port if free);
+    either way with the crash watch installed."""
     api = running(prefect_home)
     if api is None:
         with socket.socket() as s:
-            port = DEFAULT_PORT if s.connect_ex(("127.0.0.1", DEFAULT_PORT)) != 0 else None
+            port = default_port() if s.connect_ex(("127.0.0.1", default_port())) != 0 else None
         server, api = start(prefect_home, port, detach=True)
-        (prefect_home / "server.json").write_text(json.dumps({"api": api, "pid": server.pid}))
+        atomic_write_text(prefect_home / "server.json", json.dumps({"api": api, "pid": server.pid}))
+        print(f"started a Prefect server for this and later runs: {api.removesuffix('/api')} "
+              f"(stop it: python -m orchestration.server --stop)", file=sys.stderr)
+    watch_for_crashes(api)
     return api
 
 
-@contextlib.contextmanager
-def reused() -> Iterator[str | None]:
-    """Unless an API is configured, point Prefect at a running server (`running`) instead of a temporary one
-    of its own; yields the address used (None: Prefect's own choice)."""
+def watch_for_crashes(api: str, silence: timedelta | None = None) -> None:
+    """Install (once) Prefect's zombie-flow automation on the server at `api`: a flow run that has sent a heartbeat
+    and then nothing for `silence` (default: MISSED_HEARTBEATS heartbeat periods) becomes Crashed."""
+    from prefect import get_client
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    api = None if get_current_settings().api.url else running(home())
+    with temporary_settings({PREFECT_API_URL: api}):
+        silence = silence or timedelta(seconds=MISSED_HEARTBEATS * get_current_settings().flows.heartbeat_frequency)
+        with get_client(sync_client=True) as client:
+            if client.read_automations_by_name(CRASH_WATCH):
+                return
+        Automation(
+            name=CRASH_WATCH,
+            description="The process running the flow was killed: it stopped sending heartbeats.",
+            trigger=EventTrigger(
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.*"},  # another heartbeat or any state change
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive, threshold=1, within=silence),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, message=(
+                f"no heartbeat for {silence.total_seconds():.0f} s: the process running this flow was killed"))],
+        ).create()
+
+
+@contextlib.contextmanager
+def reused(start: bool = False) -> Iterator[str | None]:
+    """Unless an API is configured, point Prefect at a running server (`running`), or with `start` at one started
+    now (`ensure`), instead of a temporary one of its own; yields the address used (None: Prefect's own choice)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        api = None
+    else:
+        api = ensure(home()) if start else running(home())
     with temporary_settings({PREFECT_API_URL: api}) if api else contextlib.nullcontext():
         yield api
 

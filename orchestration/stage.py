@@ -12,6 +12,7 @@ from typing import Callable
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
 from prefect.logging.handlers import APILogWorker
 from prefect.states import Failed
 
@@ -105,10 +106,16 @@ def stage_task(stage: str, run: RunFn, model_role: str | None = None):
         APILogWorker.drain_all(timeout=30)  # the stage's step logs reach the UI before its run ends, not after
         return outputs
 
+    def republish_cached(task, task_run, state) -> None:
+        """A run served from cache shows the artifacts of the outputs it returns, like one that computed them."""
+        if state.name == "Cached":
+            artifacts.publish(stage, load_params(TaskRunContext.get().parameters["params_file"]), state.result())
+
     execute.__name__ = stage
     execute.__doc__ = run.__doc__
     return task(
         name=stage, cache_policy=StageCache(stage), persist_result=True, result_serializer="json",
+        on_completion=[republish_cached],
     )(execute)
 
 

@@ -1,21 +1,21 @@
 """DVC drives the stages: `dvc repro` runs them all, then reports everything up to date; git carries the metrics
 and loss curves, so experiments compare in `dvc exp show`, `dvc metrics diff` and `dvc plots diff`; the plots
-page draws offline. Stage processes talk to one `prefect server start`, as a user's would."""
+page draws offline. The first stage starts one Prefect server and every later stage, of this `dvc repro` and the
+next, reports to it."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import FAST, REPO
+
+from orchestration import server
 
 BIN = Path(sys.executable).parent
 
@@ -36,48 +36,30 @@ def clone_project(dest: Path) -> Path:
     return dest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def prefect_server(tmp_path):
-    port = _free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{api}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail("prefect server did not start")
-            time.sleep(1)
-    yield api
-    server.terminate()
-    server.wait(timeout=30)
-
-
 def _run(args, cwd, env):
     out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
 
-def test_dvc_repro_then_up_to_date_then_experiment(tmp_path, prefect_server):
+@pytest.fixture
+def prefect_home(tmp_path, monkeypatch):
+    """Where the stages' own server keeps its records, on a free port of its own; stopped by its recorded pid."""
+    home = tmp_path / "prefect-home"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setenv("PREFECT_SERVER_API_PORT", str(server.free_port()))
+    yield home
+    server.stop(home)
+
+
+def test_dvc_repro_then_up_to_date_then_experiment(tmp_path, prefect_home):
     root = clone_project(tmp_path / "proj")
     # As after `make demo`: the project's .venv holds the stack, and nothing is activated or on PATH.
     (root / ".venv").symlink_to(sys.prefix, target_is_directory=True)
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != BIN.resolve())
-    env = {**os.environ, "PATH": path, "PREFECT_API_URL": prefect_server,
+    env = {**os.environ, "PATH": path,
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PROXYTUNE_CACHE": str(root / ".cache")}
-    for name in ("PREFECT_HOME", "VIRTUAL_ENV", "PROXYTUNE_PYTHON"):
+    for name in ("PREFECT_API_URL", "VIRTUAL_ENV", "PROXYTUNE_PYTHON"):
         env.pop(name, None)
     git = ["git", "-c", "user.email=ci@proxytune", "-c", "user.name=ci"]
     _run(git + ["init", "-q"], root, env)
@@ -87,6 +69,9 @@ def test_dvc_repro_then_up_to_date_then_experiment(tmp_path, prefect_server):
     first = _run([str(BIN / "dvc"), "repro"], root, env)
     for stage in ("bootstrap", "prepare", "supervise", "synthesize", "distill", "evaluate"):
         assert f"Running stage '{stage}'" in first
+    started = json.loads((prefect_home / "server.json").read_text())
+    assert _flow_run_names(started["api"]) == {"bootstrap", "prepare", "supervise", "synthesize", "distill",
+                                               "evaluate"}
 
     second = _run([str(BIN / "dvc"), "repro"], root, env)
     assert "Running stage" not in second
@@ -118,11 +103,21 @@ def test_dvc_repro_then_up_to_date_then_experiment(tmp_path, prefect_server):
         assert shown[name]["params"]["params.yaml"]["data"]["evaluate"]["prompts_per_model"] == prompts
     dino = {name: data["metrics"]["outputs/metrics.json"]["data"]["student"]["dino"] for name, data in shown.items()}
     assert dino["fewer-steps"] != dino["one-prompt"], dino
+    assert json.loads((prefect_home / "server.json").read_text()) == started  # one server all along
 
     diff = json.loads(_run([str(BIN / "dvc"), "metrics", "diff", "HEAD", "one-prompt", "--json"], root, env))
     assert "student.dino" in diff["outputs/metrics.json"], diff
     _run([str(BIN / "dvc"), "plots", "diff", "HEAD", "fewer-steps", "-o", "plots"], root, env)
     assert "fewer-steps" in (root / "plots" / "index.html").read_text()
+
+
+def _flow_run_names(api: str) -> set[str]:
+    """The stages whose flow runs the server at `api` holds (runs are named `<stage> · <subject> · <hash>`)."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return {run.name.split(" · ")[0] for run in client.read_flow_runs()}
 
 
 def _experiments(shown: list) -> dict:

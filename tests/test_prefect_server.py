@@ -33,7 +33,13 @@ def _flow_runs(api: str):
         return [(run, client.read_task_runs()) for run in client.read_flow_runs()]
 
 
-def test_a_stage_killed_mid_training_ends_crashed(project, prefect_api):
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stage_killed_mid_training_ends_crashed(project, prefect_api, kill):
+    """SIGTERM (`kill PID`): the stage reports its own crash. SIGKILL (the OOM killer): the process cannot, so the
+    server's crash watch marks the run once its heartbeats stop (here after 45 s: the minimum period is 30)."""
+    from datetime import timedelta
+
+    server.watch_for_crashes(prefect_api, silence=timedelta(seconds=45))
     edit_params(project, "supervisor", steps=100_000, checkpoint_every=0)
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
     stage = subprocess.Popen(
@@ -44,13 +50,19 @@ def test_a_stage_killed_mid_training_ends_crashed(project, prefect_api):
             break
     else:
         pytest.fail(f"the stage ended before training (exit {stage.wait()})")
-    stage.send_signal(signal.SIGTERM)  # what `kill PID` sends
+    stage.send_signal(kill)
     stage.communicate(timeout=120)
     assert stage.returncode != 0
 
+    deadline = time.monotonic() + 240  # the watch fires 45 s after the last heartbeat, then checks every few seconds
+    while (run := _flow_runs(prefect_api)[0][0]).state.type.value == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(2)
     [(run, task_runs)] = _flow_runs(prefect_api)
     assert run.state.type.value == "CRASHED", run.state
-    assert {t.name.split("-")[0]: t.state.type.value for t in task_runs}["supervise"] == "CRASHED"
+    if kill == signal.SIGTERM:  # a killed process leaves its task runs as they were; the run itself says Crashed
+        assert {t.name.split("-")[0]: t.state.type.value for t in task_runs}["supervise"] == "CRASHED"
+    else:
+        assert "no heartbeat for 45 s" in run.state.message
 
 
 def test_stage_processes_reuse_the_recorded_server(tmp_path, prefect_api, monkeypatch):
