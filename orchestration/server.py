@@ -105,8 +105,8 @@ def ensure(prefect_home: Path) -> str:
 
 
 def watch_for_crashes(api: str, silence: timedelta | None = None) -> None:
-    """Install (once) Prefect's zombie-flow automation on the server at `api`: a flow run that has sent a heartbeat
-    and then nothing for `silence` (default: MISSED_HEARTBEATS heartbeat periods) becomes Crashed."""
+    """Install (once) Prefect's zombie-flow automation on the server at `api`: a run of one of our flows that has sent
+    a heartbeat and then nothing for `silence` (default: MISSED_HEARTBEATS heartbeat periods) becomes Crashed."""
     from prefect import get_client
     from prefect.automations import Automation
     from prefect.client.schemas.objects import StateType
@@ -124,6 +124,8 @@ def watch_for_crashes(api: str, silence: timedelta | None = None) -> None:
             description="The process running the flow was killed: it stopped sending heartbeats.",
             trigger=EventTrigger(
                 match={"prefect.resource.id": "prefect.flow-run.*"},
+                # only our flows, which beat every 30 s: others on a shared server may keep Prefect's 180 s
+                match_related={"prefect.resource.role": "flow", "prefect.resource.name": ["proxytune", "proxytune-*"]},
                 after={"prefect.flow-run.heartbeat"},
                 expect={"prefect.flow-run.*"},  # another heartbeat or any state change
                 for_each={"prefect.resource.id"},
