@@ -64,18 +64,20 @@ def _workers(names, api, logs):
     return {name: pool.start_worker("test-pool", name, api, logs / f"{name}.log", WORKER_ENV) for name in names}
 
 
-def _subject_runs():
+def _subject_runs(work_pool: str):
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 
     with get_client(sync_client=True) as client:
-        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["proxytune-subject"])))
+        return client.read_flow_runs(work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool])))
 
 
-def _subject_of(client, flow_run_id):
-    """The subject run a pipeline run (the subject's subflow) belongs to."""
-    return client.read_flow_run(client.read_task_run(client.read_flow_run(flow_run_id).parent_task_run_id)
-                                .flow_run_id)
+def _stages(client, subject_run) -> dict[str, str]:
+    """The state names of a subject run's stages (task runs of its pipeline subflow)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    below = FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[subject_run.id]))
+    return {t.name.split("-")[0]: t.state.name for t in client.read_task_runs(flow_run_filter=below)}
 
 
 def test_two_workers_share_the_subjects_and_a_failing_one_is_left_out(tiny, project, tmp_path, prefect_api):
@@ -93,7 +95,7 @@ def test_two_workers_share_the_subjects_and_a_failing_one_is_left_out(tiny, proj
         os.mkdir(dog2)
         Image.new("RGB", (80, 80), "red").save(dog2 + "/00.jpg")
         workers |= _workers(["w2"], prefect_api, tmp_path)
-        before = {r.id for r in _subject_runs()}
+        before = {r.id for r in _subject_runs("test-pool")}
         shared = benchmark(subjects=[*SUBJECTS, "dog2"], **run)
     finally:
         for worker in workers.values():
@@ -101,7 +103,7 @@ def test_two_workers_share_the_subjects_and_a_failing_one_is_left_out(tiny, proj
 
     assert list(shared["failed"]) == ["dog2"] and "at least 2" in shared["failed"]["dog2"]
     assert not any(s["cached"] for s in shared["subjects"].values())
-    second = [r for r in _subject_runs() if r.id not in before]
+    second = [r for r in _subject_runs("test-pool") if r.id not in before]
     assert {r.labels[pool.WORKER_LABEL] for r in second} == {"w1", "w2"}  # both workers ran subjects
     [failed] = [r for r in second if r.parameters["name"] == "dog2"]
     assert failed.state.is_failed() and failed.run_count == 2  # retried once (SUBJECT_RETRIES), then left out
@@ -131,10 +133,10 @@ def test_a_subject_whose_worker_is_killed_is_crashed_and_completed_next_time(tin
     def kill_its_worker_mid_run():
         """Once the subject has finished `supervise`, kill its worker and its run's process, as a lost machine."""
         with get_client(sync_client=True) as client:
-            while not (done := [t for t in client.read_task_runs()
-                                if t.name.startswith("supervise") and t.state.is_completed()]):
+            while not (done := [r for r in _subject_runs("crash-pool")
+                                if _stages(client, r).get("supervise") == "Completed"]):
                 threading.Event().wait(0.5)
-            subject = _subject_of(client, done[0].flow_run_id)
+        [subject] = done
         victim.update(run=subject.id, worker=subject.labels[pool.WORKER_LABEL])
         os.killpg(int(subject.infrastructure_pid), signal.SIGKILL)
         os.killpg(workers[victim["worker"]].pid, signal.SIGKILL)
@@ -156,9 +158,7 @@ def test_a_subject_whose_worker_is_killed_is_crashed_and_completed_next_time(tin
     assert second["subjects"] == {"can": {"cached": False, "failed": False}}
     # it resumed: the stages the killed run had finished came from cache
     with get_client(sync_client=True) as client:
-        [latest] = [r for r in _subject_runs() if r.id != victim["run"]]
-        assert latest.labels[pool.WORKER_LABEL] != victim["worker"]
-        stages = {t.name.split("-")[0]: t.state.name for t in client.read_task_runs()
-                  if t.name.split("-")[0] in ("prepare", "supervise", "evaluate")
-                  and _subject_of(client, t.flow_run_id).id == latest.id}
-    assert stages == {"prepare": "Cached", "supervise": "Cached", "evaluate": "Completed"}, stages
+        [latest] = [r for r in _subject_runs("crash-pool") if r.id != victim["run"]]
+        stages = _stages(client, latest)
+    assert latest.labels[pool.WORKER_LABEL] != victim["worker"]
+    assert stages["prepare"] == stages["supervise"] == "Cached" and stages["evaluate"] == "Completed", stages
