@@ -2,6 +2,7 @@
 flow run on a Prefect process work pool served by workers of this test, against a server of its own."""
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import signal
@@ -142,7 +143,7 @@ def test_a_subject_whose_worker_is_killed_is_crashed_and_completed_next_time(tin
         os.killpg(workers[victim["worker"]].pid, signal.SIGKILL)
         workers[victim["worker"]].wait()
 
-    killer = threading.Thread(target=kill_its_worker_mid_run)
+    killer = threading.Thread(target=contextvars.copy_context().run, args=(kill_its_worker_mid_run,))  # our API
     killer.start()
     try:
         with pytest.raises(ProxytuneError, match="every subject failed .*Crashed"):
