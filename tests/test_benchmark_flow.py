@@ -122,11 +122,11 @@ def test_a_subject_whose_worker_is_killed_is_crashed_and_completed_next_time(tin
     workers = {name: pool.start_worker("crash-pool", name, prefect_api, tmp_path / f"{name}.log", WORKER_ENV)
                for name in ("k1", "k2")}
     victim = {}
-    supervised = paths(project / "runs" / "can", "supervise")["out"]
+    supervised, synthesized = (paths(project / "runs" / "can", stage)["out"] for stage in ("supervise", "synthesize"))
 
     def kill_its_worker_mid_run():
-        """Once the subject has finished `supervise`, kill its worker and its run's process, as a lost machine."""
-        while not supervised.exists():
+        """Once the subject is past `synthesize`, kill its worker and its run's process, as a lost machine."""
+        while not synthesized.exists():
             threading.Event().wait(0.5)
         [subject] = _subject_runs("crash-pool")
         victim.update(run=subject.id, worker=subject.labels[pool.WORKER_LABEL])
