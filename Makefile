@@ -12,7 +12,7 @@ LOCK := requirements.lock
 # clone (new mtimes) or another VENV= reinstalls only when the dependencies really changed.
 DEPS_HASH := $(shell cat pyproject.toml $(wildcard $(LOCK)) | sha256sum | cut -c1-12)
 
-.PHONY: demo test bench world install lock prefect-server serve mlflow-ui
+.PHONY: demo test bench benchmark world install lock prefect-server serve mlflow-ui
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -46,6 +46,12 @@ test: $(VENV)/.dev-$(DEPS_HASH)
 # Every bench/*_bench.py runs; each writes its figures to bench/results/<name>.json and prints them.
 bench: $(VENV)/.dev-$(DEPS_HASH)
 	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
+
+# DreamBench on a Prefect process work pool: a server if none runs, WORKERS workers, all stopped at the end.
+DATASET ?= ../shared/dreambench
+WORKERS ?= 2
+benchmark: $(VENV)/.runtime-$(DEPS_HASH)
+	$(PY) -m flows.benchmark $(DATASET) --workers $(WORKERS)
 
 # Re-create the world-pretrained models (models/world) from seed 0, two groups at a time on a 2-core CPU: 81 min
 # here (supervisor 71 min beside LlamaGen 55 min, then VAR 27 min and the evaluators 9 min), weights in fp16.

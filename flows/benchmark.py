@@ -1,11 +1,14 @@
-"""The DreamBench benchmark: the pipeline for many subjects, one mapped (and separately cached) task each.
+"""The DreamBench benchmark: the pipeline for many subjects, each a flow run of a deployment on a work pool.
 
-Wiring only (logic: `orchestration/benchmark.py`, `proxytune/dreambench.py`). `bootstrap` runs once in the project;
-then every subject runs in `runs/<name>/`; a failed subject is reported and left out while the others are
-aggregated into `outputs/benchmark/` and one MLflow run.
+Wiring only (logic: `orchestration/benchmark.py`, `orchestration/pool.py`, `proxytune/dreambench.py`). `bootstrap`
+runs once in the project; then each subject is a run of the `proxytune-subject/benchmark` deployment, picked up by
+a worker of the pool, its data in `runs/<name>/`; the benchmark run lists them as subflows, waits, and aggregates
+those that completed (their results read from MLflow) into `outputs/benchmark/` and one MLflow run. A failed
+subject is retried (SUBJECT_RETRIES), then reported and left out; one whose worker died is marked Crashed and
+runs again, from its stages' caches and checkpoints, in the next benchmark.
 
-    python -m flows.benchmark ../shared/dreambench                 # every subject the folder holds
-    python -m flows.benchmark ../shared/dreambench --subject dog --subject can --workers 2
+    python -m flows.benchmark ../shared/dreambench --workers 2     # a server if none runs, a pool, 2 workers
+    python -m flows.benchmark ../shared/dreambench --subject dog --subject can --workers 0   # the pool's own workers
 """
 from __future__ import annotations
 
@@ -14,10 +17,20 @@ import contextlib
 import sys
 from pathlib import Path
 
-from prefect import flow, unmapped
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect import flow
 
-from orchestration.benchmark import aggregate, is_current, run_subject, subject_params
+from flows.pipeline import pipeline
+from orchestration import pool as pools
+from orchestration import server
+from orchestration.benchmark import (
+    STAGES,
+    aggregate,
+    collect,
+    crash_orphans,
+    record_subject,
+    start_subjects,
+    subject_params,
+)
 from orchestration.runlock import WAIT_ENV, run_lock
 from orchestration.stage import is_current as stage_is_current
 from orchestration.stage import resolve_paths, written_places
@@ -26,46 +39,57 @@ from proxytune.params import ProxytuneError, load_params
 from tasks.bootstrap import bootstrap_task
 
 OUT = "outputs/benchmark"
+SUBJECT_RETRIES = 1  # a subject failing for a passing reason (memory, a lost file) gets one more try
 
 
-@flow(name="proxytune-benchmark", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="proxytune-subject", flow_run_name="subject-{name}", retries=SUBJECT_RETRIES)
+def subject(name: str, params_file: str, under: str) -> str:
+    """One benchmark subject: prepare..evaluate below `under`, then its results logged to MLflow (the run id)."""
+    state = pipeline(params_file=params_file, stages=STAGES, under=under, return_state=True)
+    if state.is_failed():
+        raise ProxytuneError(f"subject {name}: {state.message}")
+    stages = state.result()
+    return record_subject(name, stages["evaluate"]["outputs"], all(s["cached"] for s in stages.values()))
+
+
+def deploy(project: Path, pool: str) -> None:
+    """The subject deployment on `pool`, its code the project folder (each worker runs it from there)."""
+    pools.ensure_pool(pool)
+    subject.from_source(str(project), entrypoint="flows/benchmark.py:subject").deploy(
+        "benchmark", work_pool_name=pool, tags=["proxytune"], print_next_steps=False, ignore_warnings=True)
+
+
+@flow(name="proxytune-benchmark")
 def benchmark(dataset: str, subjects: list[str] | None = None, params_file: str = "params.yaml",
-              out: str | None = None, under: str = ".", wait: float | None = None) -> dict:
-    """Run every subject (None: all under `dataset`), then aggregate those that succeeded. The data (bootstrap's
-    models, `runs/<subject>/`, the report: `out`, default OUT) goes below `under`; the code is the cwd's project.
-    Another benchmark writing the same models or report stops this one, or is waited for up to `wait` seconds
-    (each subject's pipeline holds its own outputs).
+              out: str | None = None, under: str = ".", wait: float | None = None, pool: str = pools.POOL) -> dict:
+    """Run every subject (None: all under `dataset`) on the work pool `pool`, then aggregate those that succeeded.
+    The data (bootstrap's models, `runs/<subject>/`, the report: `out`, default OUT) goes below `under`, a folder
+    every worker sees; the code is the cwd's project. Another benchmark writing the same models or report stops
+    this one, or is waited for up to `wait` seconds (each subject's pipeline holds its own outputs).
 
-    Returns the report's paths plus, per subject, whether it came from cache or failed (with the reason).
+    Returns the report's paths plus, per subject, whether all its stages came from cache or it failed (why).
     """
     with run_lock(_written(out, under), wait):
-        return _benchmark(dataset, subjects, params_file, out, under)
+        return _benchmark(dataset, subjects, params_file, out, under, pool)
 
 
-def _benchmark(dataset: str, subjects: list[str] | None, params_file: str, out: str | None, under: str) -> dict:
-    root, under = Path.cwd(), str(Path(under).resolve())
+def _benchmark(dataset: str, subjects: list[str] | None, params_file: str, out: str | None, under: str,
+               pool: str) -> dict:
+    under = str(Path(under).resolve())
     base = load_params(params_file)
     chosen = load_dreambench(dataset, subjects)
     paths = {name: str(path) for name, path in resolve_paths("bootstrap", under=under).items()}
     boot = bootstrap_task.with_options(refresh_cache=not stage_is_current("bootstrap", params_file, paths))
     if boot(params_file, paths, return_state=True).is_failed():
         raise ProxytuneError("benchmark: bootstrap failed")
-    params = [subject_params(base, s) for s in chosen]
-    # A subject whose run folder no longer matches its inputs must not be served from Prefect's cache.
-    states = {}
-    for refresh in (False, True):
-        group = [p for p in params if is_current(root, under, p) != refresh]
-        if group:
-            futures = run_subject.with_options(refresh_cache=refresh).map(unmapped(str(root)), unmapped(under), group)
-            for p, future in zip(group, futures):
-                future.wait()
-                states[p["subject"]["name"]] = future.state
-    results = [s.result() for s in states.values() if s.is_completed()]
-    failures = {name: str(s.result(raise_on_failure=False)) for name, s in states.items() if not s.is_completed()}
-    report = aggregate(results, failures, out or str(Path(under) / OUT), label=f"benchmark-{Path(dataset).name}-{len(chosen)}")
-    return {"report": report, "failed": failures,
-            "subjects": {name: {"cached": s.name == "Cached", "failed": not s.is_completed()}
-                         for name, s in states.items()}}
+    deploy(Path.cwd(), pool)
+    crash_orphans(pool)  # runs a killed worker left Running are Crashed before their subjects run again
+    runs = collect(start_subjects([subject_params(base, s) for s in chosen], under), pool)
+    report = aggregate(runs["results"], runs["failed"], out or str(Path(under) / OUT),
+                       label=f"benchmark-{Path(dataset).name}-{len(chosen)}")
+    return {"report": report, "failed": runs["failed"],
+            "subjects": {s.name: {"cached": runs["cached"].get(s.name, False), "failed": s.name in runs["failed"]}
+                         for s in chosen}}
 
 
 def _written(out: str | None, under: str) -> list[Path]:
@@ -80,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subject", action="append", help="only this subject (repeatable; default: all)")
     parser.add_argument("--params", default="params.yaml", help="base params file (default: params.yaml)")
     parser.add_argument("--out", help=f"report folder (default: {OUT} below --under)")
-    parser.add_argument("--under", default=".", help="keep the subjects' runs and the report below this folder")
-    parser.add_argument("--workers", type=int, default=1, help="subjects run at once (default: 1)")
+    parser.add_argument("--under", default=".", help="keep the subjects' runs and the report below this folder, "
+                                                     "one every worker sees (default: the project)")
+    parser.add_argument("--pool", default=pools.POOL, help=f"the work pool running the subjects (default: {pools.POOL})")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="workers started here for the run, then stopped (default: 1; 0: the pool has its own)")
     parser.add_argument("--wait", type=float, metavar="SECONDS",
                         help=f"if another benchmark is writing the same models or report, wait up to SECONDS for "
                              f"it (default: ${WAIT_ENV}, else stop at once)")
@@ -91,11 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             load_params(args.params)
             load_dreambench(args.dataset, args.subject)
             hold.enter_context(run_lock(_written(args.out, args.under), args.wait))  # before Prefect starts
+            api = hold.enter_context(server.started())
         except ProxytuneError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        runner = benchmark.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, args.workers)))
-        state = runner(args.dataset, args.subject, args.params, args.out, args.under, args.wait, return_state=True)
+        pools.ensure_pool(args.pool)
+        hold.enter_context(pools.local_workers(args.pool, args.workers, api, server.home() / "workers"))
+        state = benchmark(args.dataset, args.subject, args.params, args.out, args.under, args.wait, args.pool,
+                          return_state=True)
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Pipeline plumbing: stages as cached Prefect tasks keyed like DVC, MLflow tracking and models, presets, run
-comparison and the multi-subject benchmark's tasks. Uses the ML library (`proxytune`) and `ar_models`; never the stages
-(`tasks/`), the flows or the test bed."""
+comparison and the multi-subject benchmark on Prefect work pools. Uses the ML library (`proxytune`) and
+`ar_models`; never the stages (`tasks/`), the flows or the test bed."""
 import logging
 import os
 from pathlib import Path

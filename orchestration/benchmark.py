@@ -1,38 +1,40 @@
-"""One benchmark subject: the whole pipeline in its own work folder and process; then the cross-subject report.
+"""The benchmark's subjects as flow runs of a deployment on a Prefect work pool, and the cross-subject report.
 
-Each subject gets `runs/<name>/` holding its own params.yaml (the project's, with the subject swapped in) and
-every stage's data, laid out as in dvc.yaml (`python -m flows.pipeline --under runs/<name>`); the code and the
-models stay in the project. A process per subject: one that crashes or exhausts memory takes only itself down.
-Each work folder keeps its own MLflow store (a subject's pipeline run, models and registry stay with its data);
-the benchmark's own run in the project's store carries every subject's scores and the aggregate.
+Each subject gets `runs/<name>/` below the shared data root (`under`: a folder every worker sees, the project by
+default) holding its own params.yaml (the project's, with the subject swapped in) and every stage's data, laid
+out as in dvc.yaml; the code and the models stay in the project. A worker runs each subject in a process of its
+own, so one that crashes or exhausts memory takes only itself down. Results travel through MLflow, not the
+filesystem: each subject logs its evaluation (table, metrics, grid, cache stats) to a run tagged with its Prefect
+flow run id in the one tracking store every process is pointed at (`tracking.tracking_uri`), and the aggregate
+downloads them from there, so a subject may run on another machine against a tracking server.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
+import tempfile
+import time
 from pathlib import Path
+from uuid import UUID
 
 import pandas as pd
 import yaml
 from prefect import task
-from prefect.cache_policies import CachePolicy
 
-from orchestration import tracking
-from orchestration.cache import stage_paths
+from orchestration import pool, tracking
 from proxytune import reports
 from proxytune.dreambench import Subject
-from proxytune.io import atomic_dir, atomic_write_text, sha256_json, sha256_tree
+from proxytune.io import atomic_dir, atomic_write_text, cache_dir
 from proxytune.params import ProxytuneError
 from proxytune.reports import CACHE_STATS_FILE, TABLE_FILE
 
 RUNS = Path("runs")
-CODE = ["dvc.yaml", "tasks", "proxytune", "ar_models", "testbed", "flows", "models"]  # what every subject's results depend on
 STAGES = ["prepare", "supervise", "synthesize", "distill", "evaluate"]  # bootstrap runs once, in the project
-STAMP = ".proxytune/benchmark.json"
+DEPLOYMENT = "proxytune-subject/benchmark"
+RESULT_TAG = "proxytune.benchmark.subject"
+RESULTS = "subject"  # the artifact folder of a subject's results
+POLL_SECONDS = 2.0
 
 
 def subject_params(base: dict, subject: Subject) -> dict:
@@ -44,88 +46,121 @@ def subject_params(base: dict, subject: Subject) -> dict:
     return params
 
 
-def subject_key(root: Path, params: dict) -> str:
-    """Everything a subject's results depend on: its params (images, class, prompts, all settings), the
-    contents of its photos, the code and the models. Content hashes are memoised per process."""
-    code = {name: sha256_tree(root / name) for name in CODE if (root / name).exists()}
-    return sha256_json({"params": params, "images": sha256_tree(params["subject"]["images"]), "code": code})
-
-
-def _outputs(root: Path, work: Path) -> dict[str, Path]:
-    evaluate = stage_paths("evaluate", work, root)
-    return {"metrics": evaluate["metrics"], "table": evaluate["out"] / TABLE_FILE,
-            "grid": evaluate["out"] / "grid.png", "cache": evaluate["out"] / CACHE_STATS_FILE}
-
-
-def is_current(root: Path, under: str | Path, params: dict) -> bool:
-    """Whether `runs/<name>/` below `under` still holds the results of a run with exactly these inputs."""
+def work_dir(under: str | Path, params: dict) -> Path:
+    """`runs/<name>/` below `under`, holding the subject's params.yaml."""
     work = Path(under) / RUNS / params["subject"]["name"]
-    stamp = work / STAMP
-    if not stamp.is_file() or not all(p.is_file() for p in _outputs(root, work).values()):
-        return False
-    recorded = json.loads(stamp.read_text())
-    outputs = {k: sha256_tree(p) for k, p in _outputs(root, work).items()}
-    return recorded == {"key": subject_key(root, params), "outputs": outputs}
-
-
-def _work_dir(under: Path, params: dict) -> Path:
-    work = under / RUNS / params["subject"]["name"]
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(work / "params.yaml", yaml.safe_dump(params, sort_keys=False))
     return work
 
 
-def _prefect_api_url() -> str | None:
-    """The API this process talks to, so child pipelines report there instead of each starting a server."""
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return PREFECT_API_URL.value()
-    from prefect.server.api.server import SubprocessASGIServer  # the ephemeral server, a per-port singleton
-
-    server = SubprocessASGIServer()
-    return server.api_url if server.running else None
-
-
-class SubjectCache(CachePolicy):
-    """Keyed on `subject_key`: a subject re-runs when its photos, params, code or models change, alone."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
-        # where the run keeps its data is part of the result (its paths), so part of the key
-        return "subject-" + sha256_json([subject_key(Path(inputs["root"]), inputs["params"]), inputs["under"]])
+@task(name="record-subject")
+def record_subject(name: str, outputs: dict[str, str], cached: bool) -> str:
+    """Log the subject's evaluation to an MLflow run tagged with this flow run's id; return the MLflow run id."""
+    mlflow, client, exp_id = tracking.setup()
+    tags = {RESULT_TAG: name, "prefect.flow_run_id": tracking.prefect_flow_run_id(), "cached": str(cached).lower()}
+    run = client.create_run(exp_id, run_name=f"subject {name}", tags=tags).info.run_id
+    for path in (outputs["table"], outputs["metrics"], outputs["grid"], Path(outputs["table"]).parent / CACHE_STATS_FILE):
+        client.log_artifact(run, str(path), RESULTS)
+    client.set_terminated(run)
+    return run
 
 
-@task(name="subject", cache_policy=SubjectCache(), persist_result=True, result_serializer="json",
-      task_run_name="subject-{params[subject][name]}")
-def run_subject(root: str, under: str, params: dict) -> dict[str, str]:
-    """Run prepare..evaluate for one subject of the project `root`, its data in `runs/<name>/` below `under`;
-    return its result files (paths)."""
-    root = Path(root)
-    work = _work_dir(Path(under), params)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-           "PROXYTUNE_CACHE": os.environ.get("PROXYTUNE_CACHE", str(root / ".proxytune" / "cache"))}
-    if api := _prefect_api_url():
-        env["PREFECT_API_URL"] = api
-    cmd = [sys.executable, "-m", "flows.pipeline", "--params", str(work / "params.yaml"), "--under", str(work),
-           *(a for s in STAGES for a in ("--stage", s))]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-    (work / "pipeline.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        why = errors[-1] if errors else f"exit status {proc.returncode}"
-        raise ProxytuneError(f"subject {params['subject']['name']}: {why} (log: {work / 'pipeline.log'})")
-    outputs = _outputs(root, work)
-    stamp = {"key": subject_key(root, params), "outputs": {k: sha256_tree(p) for k, p in outputs.items()}}
-    atomic_write_text(work / STAMP, json.dumps(stamp))
-    return {"subject": params["subject"]["name"], **{k: str(p) for k, p in outputs.items()}}
+def shared_env() -> dict[str, str]:
+    """Where every subject's process tracks and caches: this process's MLflow store and cache root, so results
+    meet in one place (`MLFLOW_TRACKING_URI`, `PROXYTUNE_CACHE`; a tracking server's URL across machines)."""
+    return {"MLFLOW_TRACKING_URI": tracking.tracking_uri(), "PROXYTUNE_CACHE": str(cache_dir(""))}
+
+
+def start_subjects(params: list[dict], under: str) -> dict[str, UUID]:
+    """A flow run of the subject deployment per subject, linked to the calling flow as a subflow, its data in
+    `runs/<name>/` below `under`; returns their ids by subject."""
+    from prefect.deployments import run_deployment
+
+    env = shared_env()
+    runs = {}
+    for p in params:
+        name = p["subject"]["name"]
+        work = work_dir(under, p)
+        run = run_deployment(DEPLOYMENT, parameters={"name": name, "params_file": str(work / "params.yaml"),
+                                                     "under": str(work)},
+                             flow_run_name=f"subject-{name}", timeout=0, as_subflow=True,
+                             job_variables={"env": env})
+        runs[name] = run.id
+    return runs
+
+
+def wait_for(runs: dict[str, UUID], pool_name: str) -> dict[str, object]:
+    """The final state of each run, by subject; a run whose worker went silent is marked Crashed meanwhile."""
+    from prefect import get_client
+
+    final = {}
+    with get_client(sync_client=True) as client:
+        while len(final) < len(runs):
+            waiting = [i for n, i in runs.items() if n not in final]
+            pool.crash_orphans(client, pool_name, waiting)
+            for name, run_id in runs.items():
+                if name not in final and (state := client.read_flow_run(run_id).state).is_final():
+                    final[name] = state
+            if len(final) < len(runs):
+                time.sleep(POLL_SECONDS)
+    return final
+
+
+def crash_orphans(pool_name: str) -> list[UUID]:
+    """Mark Crashed the subject runs left Pending or Running by workers that are gone (a killed benchmark's)."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return pool.crash_orphans(client, pool_name)
+
+
+def _result_run(client, exp_id: str, name: str, flow_run_id: UUID):
+    found = client.search_runs([exp_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}' and "
+                                         f"tags.`{RESULT_TAG}` = '{name}'", max_results=1)
+    if not found:
+        raise ProxytuneError(f"subject {name}: flow run {flow_run_id} completed but logged no results to "
+                             f"{tracking.tracking_uri()} (is every worker pointed at the same MLflow store?)")
+    return found[0]
+
+
+@task(name="collect-subjects")
+def collect(runs: dict[str, UUID], pool_name: str) -> dict[str, dict]:
+    """Wait for the subject runs. Returns, by subject, the MLflow run holding the results of each that completed
+    (`results`) and whether all its stages came from cache (`cached`), and why each other one did not (`failed`)."""
+    states = wait_for(runs, pool_name)
+    _, client, exp_id = tracking.setup()
+    done = {n: _result_run(client, exp_id, n, runs[n]) for n, s in states.items() if s.is_completed()}
+    return {"results": {n: r.info.run_id for n, r in done.items()},
+            "cached": {n: r.data.tags["cached"] == "true" for n, r in done.items()},
+            "failed": {n: f"{s.name}: {s.message}" for n, s in states.items() if not s.is_completed()}}
+
+
+def _download(results: dict[str, str], into: Path) -> list[dict[str, str]]:
+    """Each subject's result files, downloaded from its MLflow run into `into`/<name>/."""
+    import mlflow
+
+    files = []
+    for name, run_id in results.items():
+        where = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=RESULTS,
+                                                         dst_path=str(into / name)))
+        files.append({"subject": name, "table": where / TABLE_FILE, "metrics": where / "metrics.json",
+                      "grid": where / "grid.png", "cache": where / CACHE_STATS_FILE})
+    return files
 
 
 @task(name="aggregate")
-def aggregate(results: list[dict[str, str]], failures: dict[str, str], out: str, label: str) -> dict[str, str]:
-    """The cross-subject report in `out`: per subject x prompt table, per-subject and aggregate tables (with
-    the student-minus-supervisor delta), grids and a bar chart, all logged to one MLflow run."""
+def aggregate(results: dict[str, str], failures: dict[str, str], out: str, label: str) -> dict[str, str]:
+    """The cross-subject report in `out` from the subjects' MLflow runs (`results`: run id by subject): per
+    subject x prompt table, per-subject and aggregate tables (with the student-minus-supervisor delta), grids and
+    a bar chart, all logged to one MLflow run."""
     if not results:
         raise ProxytuneError(f"benchmark: every subject failed ({'; '.join(failures.values())})")
+    with tempfile.TemporaryDirectory(prefix="proxytune-subjects-") as into:
+        return _report(_download(results, Path(into)), failures, Path(out), label)
+
+
+def _report(results: list[dict], failures: dict[str, str], out: Path, label: str) -> dict[str, str]:
     table = pd.concat([pd.read_csv(r["table"]) for r in results], ignore_index=True)
     pres = {r["subject"]: json.loads(Path(r["metrics"]).read_text()) for r in results}
     per_subject = reports.aggregate(table, by=("subject", "method"))
@@ -139,7 +174,6 @@ def aggregate(results: list[dict[str, str]], failures: dict[str, str], out: str,
     cache = [json.loads(Path(r["cache"]).read_text()) for r in results]
     stats = {"hits": sum(c["hits"] for c in cache), "misses": sum(c["misses"] for c in cache)}
 
-    out = Path(out)
     with atomic_dir(out) as tmp:
         table.to_csv(tmp / "scores.csv", index=False)
         per_subject.to_csv(tmp / "subjects.csv", index=False)

@@ -149,6 +149,22 @@ def reused(start: bool = False) -> Iterator[str | None]:
         yield api
 
 
+@contextlib.contextmanager
+def started() -> Iterator[str]:
+    """The configured API, else a running server's, else one started now and stopped on leaving: for a command
+    whose helpers (workers) need a server that outlives each process, not Prefect's temporary one."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    api = get_current_settings().api.url or running(home())
+    ours = api is None
+    try:
+        with temporary_settings({PREFECT_API_URL: api or ensure(home())}) as settings:
+            yield settings.api.url
+    finally:
+        if ours:
+            stop(home())
+
+
 def stop(prefect_home: Path) -> bool:
     """Stop the recorded server by its pid; False if none was recorded or it had already gone."""
     record = prefect_home / "server.json"

@@ -81,7 +81,7 @@ def _git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def _prefect_flow_run_id() -> str:
+def prefect_flow_run_id() -> str:
     try:
         from prefect.runtime import flow_run
 
@@ -291,7 +291,7 @@ def stage_run(stage: str, params: dict, stage_params: dict) -> Iterator[StageLog
     mlflow, client, exp_id = setup()
     with pipeline_run():
         parent, run_file = _parent(mlflow, client, exp_id, params)
-        tags = {"stage": stage, "git.commit": _git_commit(), "prefect.flow_run_id": _prefect_flow_run_id(),
+        tags = {"stage": stage, "git.commit": _git_commit(), "prefect.flow_run_id": prefect_flow_run_id(),
                 "mlflow.parentRunId": parent, **_dvc_data_hashes()}
         child = client.create_run(exp_id, run_name=stage, tags=tags).info.run_id
         try:
