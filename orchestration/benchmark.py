@@ -157,7 +157,8 @@ def aggregate(results: dict[str, str], failures: dict[str, str], out: str, label
     if not results:
         raise ProxytuneError(f"benchmark: every subject failed ({'; '.join(failures.values())})")
     with tempfile.TemporaryDirectory(prefix="proxytune-subjects-") as into:
-        return _report(_download(results, Path(into)), failures, Path(out), label)
+        # in subject order, not the order workers finished in: the report is the same for any number of workers
+        return _report(_download(dict(sorted(results.items())), Path(into)), failures, Path(out), label)
 
 
 def _report(results: list[dict], failures: dict[str, str], out: Path, label: str) -> dict[str, str]:
