@@ -245,7 +245,7 @@ def main() -> None:
     print(f"{'':<44}{'ours':>10}{'peer':>10}{'ratio':>9}{'median':>9}")
     sections = {"janus": lambda: bench_janus(work, args.repeats), "chameleon": lambda: bench_chameleon(args.repeats),
                 "scoring": lambda: bench_scoring(work, args.repeats),
-                "supervisor": lambda: bench_supervisor(work, 10, args.repeats)}
+                "supervisor": lambda: bench_supervisor(work, 5, args.repeats)}
     results = {name: sections[name]() for name in args.only.split(",")}
     results["bench_seconds"] = time.perf_counter() - started
     results["threads"] = args.threads
