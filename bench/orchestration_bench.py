@@ -67,8 +67,7 @@ def main() -> None:
     peer = json.loads(child.stdout.strip().splitlines()[-1])
 
     work = fresh_project()
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=work, check=True)
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)  # .dvc/ is tracked: the copy has it
     server_env = {**env, "PREFECT_HOME": str(work / ".prefect")}
     start = time.perf_counter()
     api = subprocess.run([sys.executable, "-m", "orchestration.server"], cwd=work, env=server_env, check=True,
