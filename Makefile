@@ -17,11 +17,16 @@ DEPS_HASH := $(shell cat pyproject.toml $(wildcard $(LOCK)) | sha256sum | cut -c
 $(PY):
 	python3 -m venv $(VENV)
 
+# uv installs the same lock (plain constraints) from its shared wheel cache, several times faster than pip
+# (docs/benchmarks.md, "Install"); pip when uv is not on PATH.
+UV := $(shell command -v uv 2>/dev/null)
+INSTALL := $(if $(UV),$(UV) pip install --python $(PY),$(PY) -m pip install) --quiet -c $(LOCK)
+
 $(VENV)/.runtime-$(DEPS_HASH): | $(PY)
-	$(PY) -m pip install --quiet -c $(LOCK) -e . && rm -f $(VENV)/.runtime-* && touch $@
+	$(INSTALL) -e . && rm -f $(VENV)/.runtime-* && touch $@
 
 $(VENV)/.dev-$(DEPS_HASH): $(VENV)/.runtime-$(DEPS_HASH)
-	$(PY) -m pip install --quiet -c $(LOCK) -e '.[dev]' && rm -f $(VENV)/.dev-* && touch $@
+	$(INSTALL) -e '.[dev]' && rm -f $(VENV)/.dev-* && touch $@
 
 install: $(VENV)/.runtime-$(DEPS_HASH)
 

@@ -29,6 +29,22 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def scaling(dino: DinoEmbedder, clip: ClipEmbedder, refs: list[Image.Image], sizes=(24, 96, 384)) -> dict:
+    """Cold scoring time (no cache) against the number of generated images: linear when the time per image
+    stays flat (the largest size's within 25% of the middle one's; the smallest carries fixed costs)."""
+    rows = {}
+    for n in sizes:
+        gen = images(n, 2)
+        prompts = [f"a dog in scene {i % 24}" for i in range(n)]
+        rows[n] = timed(lambda: prompt_scores(gen, prompts, refs, dino, clip, batch_size=BATCH))
+    per_image = {n: s / n * 1e3 for n, s in rows.items()}
+    linear = abs(per_image[sizes[-1]] / per_image[sizes[1]] - 1) <= 0.25
+    print("\nevaluation time vs images (cold): " + ", ".join(f"{n}: {s:.2f} s ({per_image[n]:.1f} ms/image)"
+                                                          for n, s in rows.items())
+          + f" -> {'linear' if linear else 'NOT linear'}")
+    return {"seconds": rows, "ms_per_image": per_image, "linear": linear}
+
+
 def main() -> dict:
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="proxytune-eval-bench-"))
@@ -59,6 +75,7 @@ def main() -> dict:
                    warm_misses=cache.misses - cold_misses)
     print(f"\nre-score {N_IMAGES} images + {N_REFS} refs: cold {cold:.2f} s ({cold_misses} embedded), "
           f"warm {warm:.2f} s ({cache.misses - cold_misses} embedded), {cold / warm:.1f}x")
+    results["scaling"] = scaling(embedders["dino"], embedders["clip"], refs)
     out = Path(__file__).parent / "results" / "evaluate.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

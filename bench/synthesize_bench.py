@@ -34,15 +34,15 @@ class Log:
         pass
 
 
-def worker(model: str, batch_size: int) -> dict:
-    """Render IMAGES proxies `batch_size` per call after one warm-up call; images/s and peak memory."""
+def worker(model: str, batch_size: int, images: int = IMAGES) -> dict:
+    """Render `images` proxies `batch_size` per call after one warm-up call; images/s and peak memory."""
     from proxytune.diffusion import load_pipeline, sample
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(1)  # both modes alike; no spin-waiting threads on a busy CPU
     pipe = load_pipeline(model, scheduler="dpm++").to(device)
-    prompts = [f"a sks toy on the beach {i}" for i in range(IMAGES)]
-    seeds = list(range(IMAGES))
+    prompts = [f"a sks toy on the beach {i}" for i in range(images)]
+    seeds = list(range(images))
     sample(pipe, prompts[:batch_size], seeds[:batch_size], STEPS, 5.0, RESOLUTION, batch_size=batch_size)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -52,7 +52,7 @@ def worker(model: str, batch_size: int) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"batch_size": batch_size, "images_per_s": IMAGES / seconds, "seconds": seconds, "device": device,
+    return {"batch_size": batch_size, "images_per_s": images / seconds, "seconds": seconds, "device": device,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
@@ -77,6 +77,28 @@ def bench_batching() -> dict:
         print(f"{name:<15}{r['batch_size']:6d}{r['images_per_s']:10.2f}{r['peak_rss_mib']:14.1f}{gpu}")
     print(f"batched / one at a time: {rows['speedup']:.2f}x ({IMAGES} images, {STEPS} steps, {RESOLUTION} px)")
     return rows
+
+
+def bench_scaling(sizes=(16, 64, 256)) -> dict:
+    """Batched synthesis time against the number of proxies, each size in its own process after a warm-up
+    call: linear when the time per proxy stays flat (the largest size's within 25% of the middle one's)."""
+    from proxytune.prompts import corpus_words
+    from testbed.tiny_supervisors import build_tiny_supervisor
+
+    tmp = Path(tempfile.mkdtemp(prefix="proxytune-synth-scale-"))
+    model = build_tiny_supervisor(tmp / "supervisor", corpus_words(), seed=0, image_size=RESOLUTION)
+    seconds = {}
+    for n in sizes:
+        out = subprocess.run([sys.executable, __file__, "--worker", str(model), str(BATCH), str(n)], check=True,
+                             capture_output=True, text=True)
+        seconds[n] = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    shutil.rmtree(tmp, ignore_errors=True)
+    per_proxy = {n: s / n * 1e3 for n, s in seconds.items()}
+    linear = abs(per_proxy[sizes[-1]] / per_proxy[sizes[1]] - 1) <= 0.25
+    print("\nsynthesis time vs proxies (batch %d): " % BATCH + ", ".join(
+        f"{n}: {s:.1f} s ({per_proxy[n]:.0f} ms/proxy)" for n, s in seconds.items())
+        + f" -> {'linear' if linear else 'NOT linear'}")
+    return {"seconds": seconds, "ms_per_proxy": per_proxy, "linear": linear}
 
 
 def bench_processes() -> dict:
@@ -133,7 +155,8 @@ def bench_processes() -> dict:
 
 
 def main() -> None:
-    results = {"batching": bench_batching(), "processes": bench_processes(), "load_average": os.getloadavg()}
+    results = {"batching": bench_batching(), "scaling": bench_scaling(), "processes": bench_processes(),
+               "load_average": os.getloadavg()}
     out = REPO / "bench" / "results" / "synthesize.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -142,6 +165,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        print(json.dumps(worker(sys.argv[2], int(sys.argv[3]))))
+        print(json.dumps(worker(sys.argv[2], *map(int, sys.argv[3:]))))
     else:
         main()
