@@ -31,8 +31,8 @@ class Log:
 
 
 def in_process(work: Path) -> dict[str, float]:
-    """Every stage's `run` in this process, in dvc.yaml's order, with dvc.yaml's paths; seconds per stage."""
-    os.chdir(work)
+    """Every stage's `run` in this process (started in `work`), in dvc.yaml's order, with dvc.yaml's paths; seconds
+    per stage."""
     os.environ["PROXYTUNE_CACHE"] = str(work / ".proxytune" / "cache")
     import importlib
 
@@ -61,7 +61,7 @@ def main() -> None:
     # the peer: one process, started here (its interpreter start-up and imports are counted)
     peer_dir = fresh_project()
     start = time.perf_counter()
-    child = subprocess.run([sys.executable, __file__, "--in-process", str(peer_dir)], env=env, check=True,
+    child = subprocess.run([sys.executable, __file__, "--in-process", str(peer_dir)], cwd=peer_dir, env=env, check=True,
                            capture_output=True, text=True)
     peer_total = time.perf_counter() - start
     peer = json.loads(child.stdout.strip().splitlines()[-1])
