@@ -22,14 +22,6 @@ sys.path.insert(0, str(REPO))
 from bench.pipeline_bench import dvc_repro_times, fresh_project  # noqa: E402
 
 
-class Log:
-    def metrics(self, values, step=None):
-        pass
-
-    def artifact(self, path, folder=None):
-        pass
-
-
 def in_process(work: Path) -> dict[str, float]:
     """Every stage's `run` in this process (started in `work`), in dvc.yaml's order, with dvc.yaml's paths; seconds
     per stage."""
@@ -39,12 +31,13 @@ def in_process(work: Path) -> dict[str, float]:
     from flows.pipeline import STAGES
     from orchestration.cache import stage_paths
     from proxytune.params import load_params
+    from testbed.claims import NoLog
 
     params = load_params(work / "params.yaml")
     times = {}
     for stage in STAGES:
         start = time.perf_counter()
-        importlib.import_module(f"tasks.{stage}").run(params, Log(), stage_paths(stage, work, project=work))
+        importlib.import_module(f"tasks.{stage}").run(params, NoLog(), stage_paths(stage, work, project=work))
         times[stage] = time.perf_counter() - start
     return times
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Iterator
 from uuid import UUID
 
+from orchestration.server import MISSED_HEARTBEATS  # the same rule as for a flow run's heartbeats
+
 POOL = "proxytune-process"
-MISSED_HEARTBEATS = 3  # silence this many heartbeat periods long means the worker is gone, not busy
 WORKER_LABEL = "prefect.worker.name"  # the label a worker gives each flow run it submits
 LIVE = ["PENDING", "RUNNING"]  # states a run holds only while its worker's process lives
 

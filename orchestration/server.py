@@ -153,13 +153,12 @@ def reused(start: bool = False) -> Iterator[str | None]:
 def started() -> Iterator[str]:
     """The configured API, else a running server's, else one started now and stopped on leaving: for a command
     whose helpers (workers) need a server that outlives each process, not Prefect's temporary one."""
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    from prefect.settings import get_current_settings
 
-    api = get_current_settings().api.url or running(home())
-    ours = api is None
+    ours = not get_current_settings().api.url and running(home()) is None
     try:
-        with temporary_settings({PREFECT_API_URL: api or ensure(home())}) as settings:
-            yield settings.api.url
+        with reused(start=True) as api:
+            yield api or get_current_settings().api.url
     finally:
         if ours:
             stop(home())
