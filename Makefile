@@ -18,9 +18,11 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # uv installs the same lock (plain constraints) from its shared wheel cache, several times faster than pip
-# (docs/benchmarks.md, "Install"); pip when uv is not on PATH.
+# (docs/benchmarks.md, "Install"); pip when uv is not on PATH. Both compile bytecode at install (uv only when
+# asked): a stage process then never compiles the stack's sources, which costs seconds per stage wherever
+# PYTHONDONTWRITEBYTECODE is set or the venv is read-only.
 UV := $(shell command -v uv 2>/dev/null)
-INSTALL := $(if $(UV),$(UV) pip install --python $(PY),$(PY) -m pip install) --quiet -c $(LOCK)
+INSTALL := $(if $(UV),$(UV) pip install --compile-bytecode --python $(PY),$(PY) -m pip install) --quiet -c $(LOCK)
 
 $(VENV)/.runtime-$(DEPS_HASH): | $(PY)
 	$(INSTALL) -e . && rm -f $(VENV)/.runtime-* && touch $@

@@ -36,7 +36,7 @@ from orchestration.stage import is_current as stage_is_current
 from orchestration.stage import resolve_paths, written_places
 from proxytune.dreambench import load_dreambench
 from proxytune.params import ProxytuneError, load_params
-from tasks.bootstrap import bootstrap_task
+from tasks import STAGE_TASKS
 
 OUT = "outputs/benchmark"
 SUBJECT_RETRIES = 1  # a subject failing for a passing reason (memory, a lost file) gets one more try
@@ -79,7 +79,7 @@ def _benchmark(dataset: str, subjects: list[str] | None, params_file: str, out: 
     base = load_params(params_file)
     chosen = load_dreambench(dataset, subjects)
     paths = {name: str(path) for name, path in resolve_paths("bootstrap", under=under).items()}
-    boot = bootstrap_task.with_options(refresh_cache=not stage_is_current("bootstrap", params_file, paths))
+    boot = STAGE_TASKS["bootstrap"].with_options(refresh_cache=not stage_is_current("bootstrap", params_file, paths))
     if boot(params_file, paths, return_state=True).is_failed():
         raise ProxytuneError("benchmark: bootstrap failed")
     deploy(Path.cwd(), pool)

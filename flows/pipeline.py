@@ -23,22 +23,9 @@ from orchestration.overrides import Overrides, write_params
 from orchestration.runlock import WAIT_ENV, run_lock
 from orchestration.stage import is_current, resolve_paths, run_name, written_places
 from proxytune.params import ProxytuneError, load_params
-from tasks.bootstrap import bootstrap_task
-from tasks.distill import distill_task
-from tasks.evaluate import evaluate_task
-from tasks.prepare import prepare_task
-from tasks.supervise import supervise_task
-from tasks.synthesize import synthesize_task
+from tasks import STAGE_TASKS
 
-TASKS = {
-    "bootstrap": bootstrap_task,
-    "prepare": prepare_task,
-    "supervise": supervise_task,
-    "synthesize": synthesize_task,
-    "distill": distill_task,
-    "evaluate": evaluate_task,
-}
-STAGES = list(TASKS)
+STAGES = list(STAGE_TASKS)
 
 
 def _run_name() -> str:
@@ -76,7 +63,7 @@ def pipeline(params_file: str = "params.yaml", stages: list[str] | None = None, 
     with run_lock(written_places(chosen, under, paths), wait), tracking.pipeline_run():
         for stage in chosen:
             where = {k: str(v) for k, v in resolve_paths(stage, paths, under).items()}
-            task = TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file, where))
+            task = STAGE_TASKS[stage].with_options(refresh_cache=not is_current(stage, params_file, where))
             state = task(params_file, where, return_state=True)
             if state.is_failed():  # later stages read this one's outputs: stop here
                 return Failed(message=f"stage {stage} failed: {state.message}")

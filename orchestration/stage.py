@@ -7,6 +7,7 @@ return file paths only: `paths` maps the stage's path arguments (dvc.yaml's `cmd
 from __future__ import annotations
 
 import argparse
+from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +17,6 @@ from prefect.context import TaskRunContext
 from prefect.logging.handlers import APILogWorker
 from prefect.states import Failed
 
-from ar_models import ModelConfigError
 from orchestration import artifacts, tracking
 from orchestration.cache import (
     output_names,
@@ -80,13 +80,15 @@ def stage_params(stage: str, params: dict) -> dict:
     return {name: get(params, name) for name in names}
 
 
-def stage_task(stage: str, run: RunFn, model_role: str | None = None):
-    """Wrap `run` as the Prefect task for `stage`; it stamps outputs so later cache hits are checked, follows the
-    stage's loops in a progress artifact and publishes what the stage wrote as artifacts (`orchestration.artifacts`).
-    With `model_role`, the stage's `out` folder is also logged and registered as that MLflow model
-    (`orchestration.registry`)."""
+def stage_task(stage: str, module: str, model_role: str | None = None):
+    """The Prefect task for `stage`, which runs `module`'s `run` (a RunFn); it stamps outputs so later cache hits
+    are checked, follows the stage's loops in a progress artifact and publishes what the stage wrote as artifacts
+    (`orchestration.artifacts`). With `model_role`, the stage's `out` folder is also logged and registered as that
+    MLflow model (`orchestration.registry`). `module` is imported when the task first runs, not on a cache hit."""
 
     def execute(params_file: str = "params.yaml", paths: dict[str, str] | None = None):
+        run: RunFn = import_module(module).run
+        from ar_models import ModelConfigError  # torch: loaded by the stage's module anyway, never for a cache hit
         try:
             params = load_params(params_file)
             where = resolve_paths(stage, paths)
@@ -112,7 +114,6 @@ def stage_task(stage: str, run: RunFn, model_role: str | None = None):
             artifacts.publish(stage, load_params(TaskRunContext.get().parameters["params_file"]), state.result())
 
     execute.__name__ = stage
-    execute.__doc__ = run.__doc__
     return task(
         name=stage, cache_policy=StageCache(stage), persist_result=True, result_serializer="json",
         on_completion=[republish_cached],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestration.stage import stage_task
 from proxytune.io import atomic_dir
 from proxytune.params import get
 from proxytune.prompts import corpus_words
@@ -42,5 +41,3 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     write_demo_subject(paths["demo_subject"], seed=seed)
     return {"models": str(paths["models"]), "demo_subject": str(paths["demo_subject"])}
 
-
-bootstrap_task = stage_task("bootstrap", run)

@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 from ar_models import ARStudent, load_student
 from orchestration.cache import checkpoint_dir
-from orchestration.stage import stage_task
 from proxytune.images import load_rgb, to_pil, to_tensor
 from proxytune.io import atomic_dir, atomic_file, cache_dir, read_jsonl, read_or_heal, sha256_file, sha256_json
 from proxytune.params import ProxytuneError, get
@@ -181,5 +180,3 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     log.artifact(out, "student")  # with card.json: `load_tuned` on the downloaded folder works
     return {"out_dir": str(out), "files": files, "loss_csv": str(paths["loss_csv"])}
 
-
-distill_task = stage_task("distill", run, model_role="student")

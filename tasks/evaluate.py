@@ -14,7 +14,6 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from orchestration.stage import stage_task
 from proxytune import metrics, reports
 from proxytune.evaluation import class_prompt, load_evaluators, student_samples, supervisor_samples
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
@@ -93,5 +92,3 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     log.artifact(metrics_file)
     return {"metrics": str(metrics_file), "grid": str(out / "grid.png"), "table": str(out / TABLE_FILE)}
 
-
-evaluate_task = stage_task("evaluate", run)

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from orchestration.stage import stage_task
 from proxytune.io import atomic_dir, sha256_bytes, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, local_path
 from proxytune.prompts import CAPTION, subject_phrase
@@ -107,5 +106,3 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     log.metrics({"num_references": len(rows)})
     return {"instance_dir": str(out / "instance"), "captions": str(out / "captions.jsonl")}
 
-
-prepare_task = stage_task("prepare", run)

@@ -17,7 +17,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from orchestration.cache import checkpoint_dir
-from orchestration.stage import stage_task
 from proxytune.dreambooth import LORA_FILE, DreamBoothConfig, DreamBoothLoRA, ValidatingLogger
 from proxytune.io import atomic_dir, read_jsonl
 from proxytune.params import ProxytuneError, get, load_params, model_source
@@ -147,8 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()
     return 0
 
-
-supervise_task = stage_task("supervise", run, model_role="supervisor")
 
 if __name__ == "__main__":
     sys.exit(main())

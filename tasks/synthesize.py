@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from orchestration.cache import checkpoint_dir
-from orchestration.stage import launched_stage_args, stage_task
+from orchestration.stage import launched_stage_args
 from proxytune.diffusion import load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
@@ -184,8 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()
     return 0
 
-
-synthesize_task = stage_task("synthesize", run)
 
 if __name__ == "__main__":
     sys.exit(main())

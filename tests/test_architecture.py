@@ -1,9 +1,12 @@
 """The structure the code promises (docs/architecture.md): six floors whose imports only point down, stage
-paths that come from dvc.yaml rather than string literals, and code that never changes directory."""
+paths that come from dvc.yaml rather than string literals, code that never changes directory, and stage
+processes that load the model stack only when a stage really runs."""
 from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 
 import pytest
 from conftest import REPO
@@ -54,3 +57,12 @@ def _dvc_venv_line() -> int:
     """The one allowed link: the DVC test's clone gets the suite's own venv as its `.venv`, as `make demo` makes."""
     lines = (REPO / "tests/test_dvc.py").read_text().splitlines()
     return next(i for i, line in enumerate(lines, 1) if ".venv" in line and "symlink_to(" in line)
+
+
+def test_a_stage_process_loads_no_model_library_before_it_knows_it_must_run():
+    """Every `dvc repro` stage is its own process: a cached one must not pay for torch, diffusers and the rest."""
+    heavy = ["torch", "diffusers", "transformers", "open_clip", "mlflow", "peft", "accelerate"]
+    probe = f"import sys, flows.pipeline; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=REPO, check=True, capture_output=True,
+                            text=True).stdout.split()
+    assert not loaded, f"importing flows.pipeline loads {loaded}"
