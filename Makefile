@@ -50,9 +50,12 @@ demo: $(VENV)/.runtime-$(DEPS_HASH)
 test: $(VENV)/.dev-$(DEPS_HASH)
 	$(PY) -m pytest -q
 
-# Every bench/*_bench.py runs; each writes its figures to bench/results/<name>.json and prints them.
+# Every bench/*_bench.py runs (or BENCHES="sampling peers ..."); each writes its figures to
+# bench/results/<name>.json and prints them; then bench/report.py prints every goal's row and every peer row.
+BENCHES ?= $(patsubst bench/%_bench.py,%,$(wildcard bench/*_bench.py))
 bench: $(VENV)/.dev-$(DEPS_HASH)
-	for b in bench/*_bench.py; do $(PY) $$b || exit 1; done
+	for b in $(BENCHES); do $(PY) bench/$${b}_bench.py || exit 1; done
+	$(PY) bench/report.py
 
 # DreamBench on a Prefect process work pool: a server if none runs, WORKERS workers, all stopped at the end.
 DATASET ?= ../shared/dreambench
