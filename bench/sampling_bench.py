@@ -79,6 +79,24 @@ def bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     return {"buffer_gib": gib, "copy_gbps": 2 * a.nbytes / copy_s / 1e9, "read_gbps": a.nbytes / read_s / 1e9}
 
 
+@torch.no_grad()
+def thin_gemm(gpt: GPT, rows: int = 2, repeats: int = 20) -> dict[str, dict[str, float]]:
+    """The matrix products of one decode step alone: `rows` activations times every layer and head weight, with the
+    weights already in the dtype (no casts, no attention, no Python between layers). Its weight bytes over its time
+    is the bandwidth the GEMM kernels themselves reach at this shape, the ceiling of any decode step built on them."""
+    weights = [p for n, p in gpt.named_parameters()
+               if n.endswith(".weight") and p.dim() == 2 and n.startswith(("layers.", "output."))]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        mats = [w.detach().to(dtype).contiguous() for w in weights]
+        x = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype) for w in mats}
+        seconds, _ = best_time(lambda: [torch.nn.functional.linear(x[w.shape[1]], w) for w in mats], repeats)
+        nbytes = sum(w.numel() * w.element_size() for w in mats)
+        out[str(dtype).removeprefix("torch.")] = {"ms": seconds * 1e3, "weight_bytes": nbytes,
+                                                  "gbps": nbytes / seconds / 1e9}
+    return out
+
+
 def step_bytes(gpt: GPT, rows: int, kv_len: int, weight_bytes: int, kv_bytes: int) -> dict[str, int]:
     """Bytes one decode step must read: every matrix of the layers and the output head (one embedding row per
     row), norm weights in fp32, and K and V of every layer over kv_len positions."""
@@ -264,6 +282,10 @@ def main() -> None:
                             "actual_over_bound": ms / bound_ms}
     print("  (frozen weights under autocast also read fp32 weights and write bf16 copies every step: "
           "the bound shown counts bf16 weights only)")
+    gemm = thin_gemm(gpt)
+    print("  the step's matrix products alone (2 rows x every weight, weights pre-cast): "
+          + "; ".join(f"{name} {g['ms']:.1f} ms = {g['gbps']:.1f} GB/s of weights read" for name, g in gemm.items())
+          + f" (read bandwidth {bw['read_gbps']:.1f} GB/s): the kernels' own ceiling at this shape")
     for autocast in (False, True):
         per_step = runs[(1, autocast)]["seconds"] / N * 1e3
         print(f"  in a full batch-1 run ({'bf16' if autocast else 'fp32'}): {per_step:.1f} ms per token "
@@ -290,6 +312,7 @@ def main() -> None:
                                  for ac in (False, True)},
         "sampling_overhead_ms_per_step": overhead * 1e3,
         "decode_step": decode_out,
+        "thin_gemm_2_rows": gemm,
         "bench_seconds": elapsed,
     }
     out = REPO / "bench" / "results"
