@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import peers  # noqa: E402
+from bench.timing import alternate, throughput  # noqa: E402
 
 CFG_SCALE = 5.0
 PROMPTS = ["a sks dog on the beach", "a sks dog in the snow", "a sks dog wearing a red hat", "a sks dog on a table"]
@@ -32,29 +32,9 @@ JANUS_100M = {"dim": 768, "n_layer": 12, "n_head": 12, "ffn_dim": 2048, "max_pos
               "vision_layers": 1, "vision_heads": 2}
 
 
-def alternate(ours, peer, repeats: int, check) -> dict:
-    """Both callables run alternately `repeats` times (so machine noise hits both alike); seconds of each.
-    `check(ours_output, peer_output)` asserts the first round's outputs equal, before any time is reported."""
-    times = {"ours": [], "peer": []}
-    for i in range(repeats):
-        outputs = {}
-        for name, fn in (("ours", ours), ("peer", peer)):
-            start = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-        if i == 0:
-            check(outputs["ours"], outputs["peer"])
-    return {name: {"min_s": min(t), "median_s": statistics.median(t), "all_s": t} for name, t in times.items()}
-
-
 def row(name: str, work: float, unit: str, times: dict, note: str = "") -> dict:
     """Throughput of both sides (work per second, from the fastest run and the median) and the ratio."""
-    r = {"work": work, "unit": unit, "times": times, "note": note}
-    for side in ("ours", "peer"):
-        r[f"{side}_per_s"] = work / times[side]["min_s"]
-        r[f"{side}_per_s_median"] = work / times[side]["median_s"]
-    r["ratio"] = r["ours_per_s"] / r["peer_per_s"]
-    r["ratio_median"] = r["ours_per_s_median"] / r["peer_per_s_median"]
+    r = {"work": work, "unit": unit, "times": times, "note": note, **throughput(work, times, "ours", "peer")}
     print(f"{name:<44}{r['ours_per_s']:10.2f}{r['peer_per_s']:10.2f}{r['ratio']:8.2f}x{r['ratio_median']:8.2f}x"
           f"  {unit}")
     if note:
@@ -106,8 +86,8 @@ def bench_janus(work: Path, repeats: int) -> dict:
             ours = lambda: student.sample_tokens(cond, cfg_scale=CFG_SCALE, seed=0)  # noqa: E731
             peer = lambda: peers.janus_generate(student, prompts, CFG_SCALE, 0)  # noqa: E731
             name = f"Janus-Pro {size} ({language_params(student) / 1e6:.1f}M), batch {batch}, CFG"
-            out[f"{size}_batch{batch}"] = row(name, batch * student.num_image_tokens, "image tokens/s",
-                                              alternate(ours, peer, repeats, tokens_equal(f"Janus {size}")))
+            times = alternate({"ours": ours, "peer": peer}, repeats, check=tokens_equal(f"Janus {size}"))
+            out[f"{size}_batch{batch}"] = row(name, batch * student.num_image_tokens, "image tokens/s", times)
     return out
 
 
@@ -126,7 +106,7 @@ def bench_chameleon(repeats: int) -> dict:
         out[f"tiny_batch{batch}"] = row(
             f"Lumina-mGPT tiny, {student.grid}x{student.grid} codes, batch {batch}, CFG", batch * student.grid ** 2,
             "image tokens/s",
-            alternate(ours, peer, repeats, tokens_equal("Lumina-mGPT")),
+            alternate({"ours": ours, "peer": peer}, repeats, check=tokens_equal("Lumina-mGPT")),
             "greedy on both sides (transformers' generate draws from the global RNG, one draw per end-of-line step "
             "too); the peer runs the unconditional stream as a second forward and end-of-line as a step")
     return out
@@ -157,7 +137,7 @@ def bench_scoring(work: Path, repeats: int, n_images: int = 48, n_refs: int = 4)
 
     return {"tiny_evaluators": row(
         f"DINO + CLIP-I + CLIP-T, {n_images} images + {n_refs} refs", n_images + n_refs, "images/s",
-        alternate(ours, peer, repeats, check),
+        alternate({"ours": ours, "peer": peer}, repeats, check=check),
         "peer: a plain per-image loop (transformers ViTModel, open_clip), both sides' models loaded before timing; "
         "torchmetrics is not a dependency and its CLIPScore loads transformers-format CLIP only")}
 
@@ -181,32 +161,11 @@ def bench_supervisor(work: Path, steps: int, repeats: int) -> dict:
     def run(side):
         return lambda: [side.train_step() for _ in range(steps)]
 
-    B = ours.cfg.batch_size
-    result = row(f"DreamBooth LoRA step, tiny SD, batch {B} + prior", steps, "steps/s",
-                 alternate(run(ours), run(peer), repeats, lambda a, b: None),
-                 "both: cached latents, text embeddings computed once, fp32; ours runs the instance and prior terms "
-                 "as two UNet forwards, the script as one forward of both halves")
-    result["unet_fwd_bwd_ms"] = {rows: unet_fwd_bwd_ms(peer, rows) for rows in (B, 2 * B)}
-    two, one = 2 * result["unet_fwd_bwd_ms"][B], result["unet_fwd_bwd_ms"][2 * B]
-    print(f"    why: UNet forward+backward {two:.1f} ms as two calls of {B} rows vs {one:.1f} ms as one call of "
-          f"{2 * B}: a tiny UNet's time is per call, not per row. One call for both terms (the script's layout) "
-          f"is what it would take; the loss then changes at float-rounding level, not bit for bit")
+    result = row(f"DreamBooth LoRA step, tiny SD, batch {ours.cfg.batch_size} + prior", steps, "steps/s",
+                 alternate({"ours": run(ours), "peer": run(peer)}, repeats),
+                 "both: cached latents, text embeddings computed once, fp32, one UNet forward of the instance and "
+                 "class halves")
     return {"sd_tiny": result}
-
-
-def unet_fwd_bwd_ms(state: peers.ScriptDreamBooth, rows: int, repeats: int = 5) -> float:
-    """Fastest forward+backward of the LoRA UNet on `rows` noisy latents, in ms."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((rows, *state.instance_latents[0].shape[1:]), generator=g)
-    t = torch.randint(1000, (rows,), generator=g)
-    embeds = state.instance_embeds[:1].expand(rows, -1, -1)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state.unet(x, t, embeds, return_dict=False)[0].square().mean().backward()
-        best = min(best, time.perf_counter() - start)
-    state.optimizer.zero_grad(set_to_none=True)
-    return best * 1e3
 
 
 def supervisor_pair(model: str, instance_images: list[Path]):

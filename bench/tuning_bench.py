@@ -1,13 +1,18 @@
 """Student tuning: steps/s with the pre-tokenised cache vs encoding images every step, and peak memory of
 LoRA vs full Q/K/V tuning, side by side on a LlamaGen-B-sized GPT (111M, 256 image tokens, VQ-16 at 256²).
 
-Each configuration runs in its own process; its training peak is VmHWM after a reset (Linux). Figures go to
+The cache comparison runs in this process on one recipe: after a warm-up round of each, `--repeats` rounds of
+`--steps` steps with the cache and as many tokenising the batch's images first, alternately, so a change of load
+on the shared machine hits both alike; the ratio is from the fastest round of each and from the medians. Each
+memory configuration runs in its own process; its training peak is VmHWM after a reset (Linux). Figures go to
 bench/results/tuning.json.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -19,7 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-STEPS, BATCH, IMAGE = 3, 2, 256
+from bench.timing import alternate, throughput  # noqa: E402
+
+STEPS, BATCH, IMAGE, THREADS = 3, 2, 256, 2
+COMMON = {"batch_size": BATCH, "mixed_precision": "bf16", "learning_rate": 1e-4}
 
 
 def build_student(folder: Path):
@@ -54,10 +62,9 @@ def status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def measure(kind: str, queue) -> None:
-    """One configuration: 'cached' / 'encode_every_step' (LoRA, default targets) or 'lora_qkv' / 'full_qkv'."""
-    torch.set_num_threads(2)
-    from proxytune.tuning import ProxyTuning, TuneConfig, TuningData, build_recipe
+def training_data():
+    """The student, its 8 training images and their pre-tokenised codes with prompts."""
+    from proxytune.tuning import TuningData
 
     with tempfile.TemporaryDirectory() as tmp:
         student = build_student(Path(tmp))
@@ -65,23 +72,44 @@ def measure(kind: str, queue) -> None:
     prompts = [f"a sks toy on the beach {i}" for i in range(8)]
     with torch.no_grad():
         codes = torch.cat([student.encode_images(images[i:i + 2]) for i in range(0, len(images), 2)])
-    data = TuningData(codes=codes, prompts=prompts, identifier="sks", class_noun="toy")
-    common = {"steps": STEPS, "batch_size": BATCH, "mixed_precision": "bf16", "learning_rate": 1e-4}
-    if kind in ("cached", "encode_every_step"):
-        recipe = ProxyTuning(student, TuneConfig(method="proxy_tuning", **common))
-        if kind == "encode_every_step":
-            step = recipe.batch_loss
+    return student, images, TuningData(codes=codes, prompts=prompts, identifier="sks", class_noun="toy")
 
-            def batch_loss(idx):  # what a loop without the cache does: tokenise the batch's images each step
-                with torch.no_grad():
-                    recipe.data.codes[idx] = student.encode_images(images[idx])
-                return step(idx)
 
+def cache_speedup(steps: int, repeats: int) -> dict:
+    """Steps/s of one LoRA recipe (default targets) with the cache and tokenising each batch's images first (what
+    a loop without the cache does), alternated in this process."""
+    from proxytune.tuning import ProxyTuning, TuneConfig
+
+    student, images, data = training_data()
+    recipe = ProxyTuning(student, TuneConfig(method="proxy_tuning", steps=steps, **COMMON))
+    recipe.setup(data)
+    cached = recipe.batch_loss
+
+    def encoding(idx):
+        with torch.no_grad():
+            recipe.data.codes[idx] = student.encode_images(images[idx])
+        return cached(idx)
+
+    def run(batch_loss):
+        def steps_with():
             recipe.batch_loss = batch_loss
-    else:
-        stage2 = "lora" if kind == "lora_qkv" else "qkv"
-        recipe = build_recipe(student, TuneConfig(method="two_stage", embedding_steps=0, stage2=stage2,
-                                                  image_tokens=False, lora_rank=16, **common))
+            for _ in range(steps):
+                recipe.train_step()
+        return steps_with
+
+    times = alternate({"cached": run(cached), "encode_every_step": run(encoding)}, repeats, warmup=1)
+    return {"times": times, **throughput(steps, times, "cached", "encode_every_step")}
+
+
+def measure(kind: str, queue) -> None:
+    """One memory configuration, 'lora_qkv' or 'full_qkv': steps/s and the training's peak RSS."""
+    torch.set_num_threads(THREADS)
+    from proxytune.tuning import TuneConfig, build_recipe
+
+    student, _, data = training_data()
+    stage2 = "lora" if kind == "lora_qkv" else "qkv"
+    recipe = build_recipe(student, TuneConfig(method="two_stage", embedding_steps=0, stage2=stage2,
+                                              image_tokens=False, lora_rank=16, steps=STEPS, **COMMON))
     recipe.setup(data)
     base_mb = reset_peak_rss()  # the peak from here on is the training's own
     recipe.train_step()  # warm-up (allocations, autocast caches)
@@ -106,18 +134,30 @@ def run(kind: str) -> dict:
 
 
 def main() -> None:
-    results = {kind: run(kind) for kind in ("cached", "encode_every_step", "lora_qkv", "full_qkv")}
-    speedup = results["cached"]["steps_per_s"] / results["encode_every_step"]["steps_per_s"]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=1, help="training steps per timed round of the cache comparison")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds of each cache variant, alternated")
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    load = os.getloadavg()
+    print(f"LlamaGen-B GPT ({IMAGE}² images, 256 tokens), batch {BATCH}, bf16 autocast, {THREADS} threads; "
+          f"load average {load}")
+    cache = cache_speedup(args.steps, args.repeats)
+    print(f"  pre-tokenised cache {cache['cached_per_s']:.3f} steps/s vs encoding every step "
+          f"{cache['encode_every_step_per_s']:.3f}: {cache['ratio']:.2f}x (fastest of {args.repeats} alternated rounds "
+          f"of {args.steps} steps), {cache['ratio_median']:.2f}x (median)")
+    results = {kind: run(kind) for kind in ("lora_qkv", "full_qkv")}
     memory = results["full_qkv"]["training_peak_extra_mb"] - results["lora_qkv"]["training_peak_extra_mb"]
-    print(f"LlamaGen-B GPT ({IMAGE}² images, 256 tokens), batch {BATCH}, bf16 autocast, 2 threads, {STEPS} steps")
     for kind, r in results.items():
         print(f"  {kind:18s} {r['steps_per_s']:.3f} steps/s  trainable {r['trainable_params'] / 1e6:7.2f}M  "
-              f"training peak +{r['training_peak_extra_mb']:.0f} MB over {r['rss_before_training_mb']:.0f} MB")
-    print(f"  pre-tokenised cache vs encoding every step: {speedup:.2f}x steps/s")
-    print(f"  full Q/K/V vs LoRA(r=16) on Q/K/V: {memory:+.0f} MB training peak RSS")
+              f"training peak +{r['training_peak_extra_mb']:.0f} MB over {r['rss_before_training_mb']:.0f} MB "
+              f"({STEPS} steps, own process)")
+    print(f"  full Q/K/V vs LoRA(r=16) on Q/K/V: {memory:+.0f} MB training peak RSS; load average {os.getloadavg()}")
     out = ROOT / "bench" / "results" / "tuning.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"results": results, "cache_speedup": speedup, "full_minus_lora_mb": memory}, indent=2))
+    out.write_text(json.dumps({"cache": cache, "results": results, "full_minus_lora_mb": memory,
+                               "load_average": load, "load_average_after": os.getloadavg(), "steps": args.steps,
+                               "repeats": args.repeats}, indent=2))
 
 
 if __name__ == "__main__":

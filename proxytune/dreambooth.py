@@ -318,12 +318,29 @@ class DreamBoothLoRA:
         full = torch.randn((self.cfg.batch_size, *local.shape[1:]), generator=self.generator)
         return full[self.shard].to(self.device)
 
-    def _per_sample_loss(self, x0: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        noise = self._noise_like(x0)
+    def _timesteps(self) -> torch.Tensor:
+        """This process's rows of the batch's timesteps: DDPM steps for the UNet families, indices into the flow
+        scheduler's timesteps and sigmas (drawn from the weighting scheme's density) for the flow families."""
+        cfg, sched = self.cfg, self.noise_scheduler
+        steps = sched.config.num_train_timesteps
+        if not self.flow:
+            return torch.randint(steps, (cfg.batch_size,), generator=self.generator)[self.shard]
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling(cfg.weighting_scheme, cfg.batch_size, cfg.logit_mean, cfg.logit_std,
+                                                  cfg.mode_scale, generator=self.generator)[self.shard]
+        return (u * steps).long().clamp(max=len(sched.timesteps) - 1)
+
+    def _draw(self, cached, pixels, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+        """One term's rows of the step: images (with replacement), their latents, noise, timesteps, prompts."""
+        idx = torch.randint(len(prompts), (self.cfg.batch_size,), generator=self.generator)[self.shard]
+        x0 = self._latents(cached, pixels, idx)
+        return x0, self._noise_like(x0), self._timesteps(), [prompts[i] for i in idx]
+
+    def _per_sample_loss(self, x0, noise, t, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.flow:
-            return self._flow_loss(x0, noise, cond)
+            return self._flow_loss(x0, noise, t, cond)
         sched, n = self.noise_scheduler, len(x0)
-        t = torch.randint(sched.config.num_train_timesteps, (self.cfg.batch_size,), generator=self.generator)[self.shard]
         noisy = sched.add_noise(x0, noise, t)
         extra = {}
         if self.family == "sdxl":
@@ -341,14 +358,11 @@ class DreamBoothLoRA:
             loss = loss * weight
         return loss
 
-    def _flow_loss(self, x0, noise, cond) -> torch.Tensor:
+    def _flow_loss(self, x0, noise, idx, cond) -> torch.Tensor:
         from diffusers import FluxPipeline
-        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+        from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         cfg, sched, n = self.cfg, self.noise_scheduler, len(x0)
-        u = compute_density_for_timestep_sampling(cfg.weighting_scheme, cfg.batch_size, cfg.logit_mean, cfg.logit_std,
-                                                  cfg.mode_scale, generator=self.generator)[self.shard]
-        idx = (u * sched.config.num_train_timesteps).long().clamp(max=len(sched.timesteps) - 1)
         timesteps = sched.timesteps[idx].to(self.device)
         sigmas = sched.sigmas[idx].to(self.device, torch.float32).view(-1, 1, 1, 1)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
@@ -371,21 +385,23 @@ class DreamBoothLoRA:
         weighting = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas)
         return (weighting.float() * (pred.float() - (noise - x0).float()) ** 2).mean(dim=(1, 2, 3))
 
-    def _term(self, cached, pixels, prompts: list[str]) -> torch.Tensor:
-        idx = torch.randint(len(prompts), (self.cfg.batch_size,), generator=self.generator)[self.shard]
-        x0 = self._latents(cached, pixels, idx)
-        return self._per_sample_loss(x0, self._cond([prompts[i] for i in idx])).mean()
-
     def train_step(self) -> dict[str, float]:
+        """The instance term and the prior term (class images) in one denoiser call, as diffusers' scripts stack
+        them: a small denoiser's time is per call more than per row. Each term draws its rows as it would alone,
+        so the batches do not depend on the stacking; the losses do, at float-rounding level (other shapes)."""
         cfg = self.cfg
         with self.autocast():
-            instance = self._term(self.instance_latents, self.instance_pixels, self.instance_prompts)
-            losses = {"instance_loss": instance}
-            loss = instance
+            terms = [self._draw(self.instance_latents, self.instance_pixels, self.instance_prompts)]
             if cfg.prior_preservation:
-                prior = self._term(self.class_latents, self.class_pixels, [cfg.class_prompt] * len(self.class_images))
-                losses["prior_loss"] = prior
-                loss = instance + cfg.prior_loss_weight * prior
+                terms.append(self._draw(self.class_latents, self.class_pixels,
+                                        [cfg.class_prompt] * len(self.class_images)))
+            x0, noise, t, prompts = zip(*terms)
+            per_sample = self._per_sample_loss(torch.cat(x0), torch.cat(noise), torch.cat(t),
+                                               self._cond(sum(prompts, [])))
+            losses = dict(zip(("instance_loss", "prior_loss"), (rows.mean() for rows in per_sample.chunk(len(terms)))))
+            loss = losses["instance_loss"]
+            if cfg.prior_preservation:
+                loss = loss + cfg.prior_loss_weight * losses["prior_loss"]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         values = {"loss": loss, **losses}
