@@ -16,6 +16,7 @@ from proxytune.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, prompt
 from testbed.tiny_evaluators import build_tiny_evaluators
 
 N_IMAGES, N_REFS, BATCH = 96, 5, 32
+RESCORE_ROUNDS = 3
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
@@ -66,16 +67,20 @@ def main() -> dict:
         results[f"{name}_per_s_batched"], results[f"{name}_per_s_single"] = batched, single
         print(f"{name:<14}{batched:10.1f}{single:12.1f}{batched / single:8.2f}")
 
-    cache = EmbeddingCache(work / "cache")
-    dino = DinoEmbedder(tiny["dino"], cache=cache)
-    clip = ClipEmbedder(tiny["clip_model_name"], tiny["clip_pretrained"], config_dir=tiny["clip_config_dir"],
-                        cache=cache)
-    score = lambda: prompt_scores(gen, prompts, refs, dino, clip, batch_size=BATCH)  # noqa: E731
-    cold = timed(score)
-    cold_misses = cache.misses
-    warm = timed(score)
+    # each round scores into an empty cache (cold), then again (warm); the fastest of each, so a burst of load
+    # elsewhere costs one round rather than the figure
+    cold, warm = float("inf"), float("inf")
+    for round_ in range(RESCORE_ROUNDS):
+        cache = EmbeddingCache(work / f"cache{round_}")
+        dino = DinoEmbedder(tiny["dino"], cache=cache)
+        clip = ClipEmbedder(tiny["clip_model_name"], tiny["clip_pretrained"], config_dir=tiny["clip_config_dir"],
+                            cache=cache)
+        score = lambda: prompt_scores(gen, prompts, refs, dino, clip, batch_size=BATCH)  # noqa: E731
+        cold = min(cold, timed(score))
+        cold_misses = cache.misses
+        warm = min(warm, timed(score))
     results.update(rescore_cold_s=cold, rescore_warm_s=warm, cold_misses=cold_misses,
-                   warm_misses=cache.misses - cold_misses)
+                   warm_misses=cache.misses - cold_misses, rescore_rounds=RESCORE_ROUNDS)
     print(f"\nre-score {N_IMAGES} images + {N_REFS} refs: cold {cold:.2f} s ({cold_misses} embedded), "
           f"warm {warm:.2f} s ({cache.misses - cold_misses} embedded), {cold / warm:.1f}x")
     results["scaling"] = scaling(embedders["dino"], embedders["clip"], refs)
