@@ -7,6 +7,7 @@ return file paths only: `paths` maps the stage's path arguments (dvc.yaml's `cmd
 from __future__ import annotations
 
 import argparse
+import sys
 from importlib import import_module
 from pathlib import Path
 from typing import Callable
@@ -80,6 +81,13 @@ def stage_params(stage: str, params: dict) -> dict:
     return {name: get(params, name) for name in names}
 
 
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input, not a bug: ours, and `ar_models`' when a stage has loaded it. A stage that
+    never imported `ar_models` cannot have raised its error, so this never imports it (and torch) to catch one."""
+    ar_models = sys.modules.get("ar_models")
+    return (ProxytuneError, ar_models.ModelConfigError) if ar_models else (ProxytuneError,)
+
+
 def stage_task(stage: str, module: str, model_role: str | None = None):
     """The Prefect task for `stage`, which runs `module`'s `run` (a RunFn); it stamps outputs so later cache hits
     are checked, follows the stage's loops in a progress artifact and publishes what the stage wrote as artifacts
@@ -88,7 +96,6 @@ def stage_task(stage: str, module: str, model_role: str | None = None):
 
     def execute(params_file: str = "params.yaml", paths: dict[str, str] | None = None):
         run: RunFn = import_module(module).run
-        from ar_models import ModelConfigError  # torch: loaded by the stage's module anyway, never for a cache hit
         try:
             params = load_params(params_file)
             where = resolve_paths(stage, paths)
@@ -98,7 +105,7 @@ def stage_task(stage: str, module: str, model_role: str | None = None):
                 outputs = run(params, log, where)
                 if model_role:
                     log.model(model_role, where["out"], params)
-        except (ProxytuneError, ModelConfigError) as e:
+        except bad_input_errors() as e:
             # Bad input, not a bug: one clear line instead of a traceback.
             get_run_logger().error(str(e))
             return Failed(message=str(e))
