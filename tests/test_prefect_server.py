@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, edit_params
@@ -16,21 +17,26 @@ from conftest import REPO, edit_params
 from orchestration import server
 
 
-@pytest.fixture
-def prefect_api(tmp_path):
-    """A server of this test's own, stopped by its pid."""
-    process, api = server.start(tmp_path / "prefect-home")
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """One server for this module's tests (each tells its runs apart by its own project folder), stopped by its pid:
+    starting a server with a fresh database costs about 12 s."""
+    process, api = server.start(tmp_path_factory.mktemp("prefect-home"))
     yield api
     process.terminate()
     process.wait(timeout=60)
 
 
-def _flow_runs(api: str):
+def _flow_runs(api: str, under: Path):
+    """The flow runs whose data lives below `under` (a test's project), each with its task runs."""
     from prefect import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-        return [(run, client.read_task_runs()) for run in client.read_flow_runs()]
+        return [(run, client.read_task_runs(task_run_filter=TaskRunFilter(
+                    flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]))))
+                for run in client.read_flow_runs() if run.parameters.get("under") == str(under)]
 
 
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
@@ -55,9 +61,9 @@ def test_a_stage_killed_mid_training_ends_crashed(project, prefect_api, kill):
     assert stage.returncode != 0
 
     deadline = time.monotonic() + 240  # the watch fires 45 s after the last heartbeat, then checks every few seconds
-    while (run := _flow_runs(prefect_api)[0][0]).state.type.value == "RUNNING" and time.monotonic() < deadline:
+    while (run := _flow_runs(prefect_api, project)[0][0]).state.type.value == "RUNNING" and time.monotonic() < deadline:
         time.sleep(2)
-    [(run, task_runs)] = _flow_runs(prefect_api)
+    [(run, task_runs)] = _flow_runs(prefect_api, project)
     assert run.state.type.value == "CRASHED", run.state
     if kill == signal.SIGTERM:  # a killed process leaves its task runs as they were; the run itself says Crashed
         assert {t.name.split("-")[0]: t.state.type.value for t in task_runs}["supervise"] == "CRASHED"
@@ -67,6 +73,7 @@ def test_a_stage_killed_mid_training_ends_crashed(project, prefect_api, kill):
 
 def test_stage_processes_reuse_the_recorded_server(tmp_path, prefect_api, monkeypatch):
     home = tmp_path / "prefect-home"
+    home.mkdir()
     (home / "server.json").write_text(json.dumps({"api": prefect_api, "pid": 0}))
     monkeypatch.setenv("PREFECT_HOME", str(home))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
