@@ -4,6 +4,7 @@ carry over). Writes bench/results/evaluate.json."""
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -12,8 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from proxytune.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, prompt_scores
-from testbed.tiny_evaluators import build_tiny_evaluators
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.timing import alternate  # noqa: E402
+from proxytune.metrics import ClipEmbedder, DinoEmbedder, EmbeddingCache, prompt_scores  # noqa: E402
+from testbed.tiny_evaluators import build_tiny_evaluators  # noqa: E402
 
 N_IMAGES, N_REFS, BATCH = 96, 5, 32
 RESCORE_ROUNDS = 3
@@ -43,15 +48,30 @@ def published_size_dino(folder: Path) -> Path:
     return folder
 
 
+def cold_then_warm(work: Path, name: str, scorer) -> tuple[float, float, int, int]:
+    """Fastest of RESCORE_ROUNDS rounds, each scoring into an empty cache (cold), then again (warm), so a burst of
+    load elsewhere costs one round rather than the figure; `scorer(cache)` is the scoring call on that cache.
+    Returns cold and warm seconds and the last round's embeddings computed cold and warm."""
+    cold, warm = float("inf"), float("inf")
+    for round_ in range(RESCORE_ROUNDS):
+        cache = EmbeddingCache(work / f"{name}-cache{round_}")
+        score = scorer(cache)
+        cold = min(cold, timed(score))
+        cold_misses = cache.misses
+        warm = min(warm, timed(score))
+    return cold, warm, cold_misses, cache.misses - cold_misses
+
+
 def rescore_published_size(work: Path, gen: list[Image.Image]) -> dict:
     """Re-embedding the same images with a warm cache against a cold one, with DINO at its published size: the
     cache's saving where evaluation time goes in practice (a tiny evaluator costs about what a cache read does)."""
     folder = published_size_dino(work / "dino-vits16-size")
-    cold, warm = float("inf"), float("inf")
-    for round_ in range(RESCORE_ROUNDS):
-        dino = DinoEmbedder(folder, cache=EmbeddingCache(work / f"vits16-cache{round_}"))
-        cold = min(cold, timed(lambda: dino.embed_images(gen, batch_size=BATCH)))
-        warm = min(warm, timed(lambda: dino.embed_images(gen, batch_size=BATCH)))
+
+    def scorer(cache):
+        dino = DinoEmbedder(folder, cache=cache)
+        return lambda: dino.embed_images(gen, batch_size=BATCH)
+
+    cold, warm, _, _ = cold_then_warm(work, "vits16", scorer)
     print(f"re-embed {len(gen)} images, DINO ViT-S/16 size (random init, 224 px): cold {cold:.2f} s, warm "
           f"{warm:.3f} s, warm = {warm / cold:.1%} of cold")
     return {"images": len(gen), "cold_s": cold, "warm_s": warm, "warm_over_cold": warm / cold}
@@ -63,11 +83,12 @@ def scaling(dino: DinoEmbedder, clip: ClipEmbedder, refs: list[Image.Image], siz
     stays flat (the largest size's within 25% of the middle one's; the smallest carries fixed costs). The sizes
     run in turn, `rounds` times, and each keeps its fastest round, so a burst of load elsewhere hits one round of
     each size rather than one size's only run."""
-    work = {n: (images(n, 2), [f"a dog in scene {i % 24}" for i in range(n)]) for n in sizes}
-    rows = {n: float("inf") for n in sizes}
-    for _ in range(rounds):
-        for n, (gen, prompts) in work.items():
-            rows[n] = min(rows[n], timed(lambda: prompt_scores(gen, prompts, refs, dino, clip, batch_size=BATCH)))
+    def scoring(n: int):
+        gen, prompts = images(n, 2), [f"a dog in scene {i % 24}" for i in range(n)]
+        return lambda: prompt_scores(gen, prompts, refs, dino, clip, batch_size=BATCH)
+
+    times = alternate({n: scoring(n) for n in sizes}, rounds)
+    rows = {n: times[n]["min_s"] for n in sizes}
     per_image = {n: s / n * 1e3 for n, s in rows.items()}
     linear = abs(per_image[sizes[-1]] / per_image[sizes[1]] - 1) <= 0.25
     print("\nevaluation time vs images (cold): " + ", ".join(f"{n}: {s:.2f} s ({per_image[n]:.1f} ms/image)"
@@ -94,22 +115,17 @@ def main() -> dict:
         results[f"{name}_per_s_batched"], results[f"{name}_per_s_single"] = batched, single
         print(f"{name:<14}{batched:10.1f}{single:12.1f}{batched / single:8.2f}")
 
-    # each round scores into an empty cache (cold), then again (warm); the fastest of each, so a burst of load
-    # elsewhere costs one round rather than the figure
-    cold, warm = float("inf"), float("inf")
-    for round_ in range(RESCORE_ROUNDS):
-        cache = EmbeddingCache(work / f"cache{round_}")
+    def scorer(cache):
         dino = DinoEmbedder(tiny["dino"], cache=cache)
         clip = ClipEmbedder(tiny["clip_model_name"], tiny["clip_pretrained"], config_dir=tiny["clip_config_dir"],
                             cache=cache)
-        score = lambda: prompt_scores(gen, prompts, refs, dino, clip, batch_size=BATCH)  # noqa: E731
-        cold = min(cold, timed(score))
-        cold_misses = cache.misses
-        warm = min(warm, timed(score))
-    results.update(rescore_cold_s=cold, rescore_warm_s=warm, cold_misses=cold_misses,
-                   warm_misses=cache.misses - cold_misses, rescore_rounds=RESCORE_ROUNDS)
+        return lambda: prompt_scores(gen, prompts, refs, dino, clip, batch_size=BATCH)
+
+    cold, warm, cold_misses, warm_misses = cold_then_warm(work, "tiny", scorer)
+    results.update(rescore_cold_s=cold, rescore_warm_s=warm, cold_misses=cold_misses, warm_misses=warm_misses,
+                   rescore_rounds=RESCORE_ROUNDS)
     print(f"\nre-score {N_IMAGES} images + {N_REFS} refs: cold {cold:.2f} s ({cold_misses} embedded), "
-          f"warm {warm:.2f} s ({cache.misses - cold_misses} embedded), {cold / warm:.1f}x")
+          f"warm {warm:.2f} s ({warm_misses} embedded), {cold / warm:.1f}x")
     results["rescore_dino_vits16_size"] = rescore_published_size(work, gen)
     results["scaling"] = scaling(embedders["dino"], embedders["clip"], refs)
     out = Path(__file__).parent / "results" / "evaluate.json"
