@@ -178,7 +178,7 @@ def supervisor_pair(model: str, instance_images: list[Path]):
     cfg = DreamBoothConfig(model=model, instance_images=instance_images, instance_prompt="a photo of sks toy",
                            class_prompt="a photo of toy", batch_size=2, num_class_images=4, sample_steps=2,
                            prior_preservation=True, cache_latents=True, mixed_precision="fp32", snr_gamma=0.0,
-                           lora_dropout=0.0, train_text_encoder=False, seed=0)
+                           lora_dropout=0.0, train_text_encoder=False, pivotal_tokens=0, seed=0)
     ours = DreamBoothLoRA(cfg)
     ours.setup()
     generator = torch.Generator().manual_seed(0)

@@ -47,7 +47,7 @@ def recipe(work: Path, family: str, cached: bool):
     r = DreamBoothLoRA(DreamBoothConfig(
         model=str(work / family), instance_images=sorted((work / "instance").glob("*.png")),
         instance_prompt="a photo of sks toy", class_prompt="a photo of toy", batch_size=BATCH, num_class_images=4,
-        sample_steps=2, cache_latents=cached, seed=0))
+        sample_steps=2, cache_latents=cached, pivotal_tokens=0, seed=0))
     r.setup()
     return r
 

@@ -1,8 +1,9 @@
-"""How much of the subject the DreamBooth supervisor learns, as its capacity changes: a sensitivity study, not a tuning.
+"""How much of the subject the DreamBooth supervisor learns, and whether it draws it in new scenes, as its recipe
+changes: a sensitivity study, not a tuning.
 
-Each setting differs from params.yaml only in the `supervisor` keys it names; every one runs the claims runner's
-`supervisor` arm (DreamBooth on the subject's 4 references with prior preservation, then the evaluation prompts
-drawn and scored) on the same 3 world subjects x 3 seeds as the claims table. Prints mean ± spread per setting and
+Each setting differs from params.yaml only in the `supervisor` and `subject` keys it names; every one runs the
+claims runner's `supervisor` arm (DreamBooth on the subject's 4 references, then the evaluation prompts drawn and
+scored) on the same 3 world subjects x 3 seeds as the claims table. Prints mean ± spread per setting and
 writes bench/results/supervisor_sensitivity.{csv,md}.
 
     python bench/supervisor_sensitivity.py [--workers 2]
@@ -21,12 +22,20 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 # The family's attention projections plus the transformer blocks' feed-forward and every resnet's two convolutions.
 WIDE = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+LORA_ALONE = {"pivotal_tokens": 0}
+PHOTO = {"caption": "a photo of {}"}  # DreamBooth's caption, a phrase the world's text encoders never saw
+# Per setting: its `supervisor` keys, then its `subject` keys, over params.yaml's.
 SETTINGS = {
-    "rank 4, attention (params.yaml)": {},
-    "rank 16, attention": {"lora_rank": 16, "lora_alpha": 16},
-    "rank 4, attention + text encoder": {"train_text_encoder": True},
-    "rank 16, attention + ff + convs": {"lora_rank": 16, "lora_alpha": 16, "target_modules": WIDE},
-    "rank 4, attention, no prior preservation": {"prior_preservation": False},
+    "pivotal tokens + LoRA, world caption (params.yaml)": ({}, {}),
+    "pivotal tokens + LoRA, 'a photo of' caption": ({}, PHOTO),
+    "LoRA alone, world caption": (LORA_ALONE, {}),
+    "LoRA alone, 'a photo of' caption (the former default)": (LORA_ALONE, PHOTO),
+    "LoRA alone, 'a photo of', rank 16": ({**LORA_ALONE, "lora_rank": 16, "lora_alpha": 16}, PHOTO),
+    "LoRA alone, 'a photo of', + text encoder": ({**LORA_ALONE, "train_text_encoder": True}, PHOTO),
+    "LoRA alone, 'a photo of', rank 16 + ff + convs": (
+        {**LORA_ALONE, "lora_rank": 16, "lora_alpha": 16, "target_modules": WIDE}, PHOTO),
+    "LoRA alone, 'a photo of', no prior preservation": ({**LORA_ALONE, "prior_preservation": False}, PHOTO),
+    "LoRA alone, 'a photo of', 400 steps": ({**LORA_ALONE, "steps": 400}, PHOTO),
 }
 
 
@@ -44,11 +53,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
     base = load_params(REPO / "params.yaml")
     tables = []
-    for name, change in SETTINGS.items():
+    for name, (supervisor, subject) in SETTINGS.items():
         if args.setting and name not in args.setting:
             continue
         params = copy.deepcopy(base)
-        params["supervisor"].update(change)
+        params["supervisor"].update(supervisor)
+        params["subject"].update(subject)
         rows = runner.run(params, claims.ClaimsConfig(arms=("supervisor",)), work / f"s{len(tables)}", args.workers)
         tables.append(rows.assign(arm=name))
         print(f"{name}: done", flush=True)

@@ -65,19 +65,23 @@ class TunedStudentModel(mlflow.pyfunc.PythonModel):
 
 
 class SupervisorModel(mlflow.pyfunc.PythonModel):
-    """The diffusion supervisor with its DreamBooth LoRA, sampling as the evaluate stage does."""
+    """The diffusion supervisor with its DreamBooth LoRA, sampling as the evaluate stage does: prompts name the
+    subject by its identifier ('a sks toy'), read as the learned tokens after pivotal tuning."""
 
     def load_context(self, context):
-        from proxytune.diffusion import load_pipeline
+        from proxytune.diffusion import learned_token, load_pipeline
 
         folder = Path(context.artifacts["supervisor"])
         self.card = json.loads((folder / CARD_FILE).read_text())
         self.pipe = load_pipeline(self.card["model"], lora_dir=folder)
+        self.token = learned_token(folder)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
         from proxytune.diffusion import sample
+        from proxytune.prompts import with_token
 
-        seed, prompts, card = int((params or {}).get("seed", 0)), list(model_input["prompt"]), self.card
+        card, seed = self.card, int((params or {}).get("seed", 0))
+        prompts = [with_token(p, card["identifier"], self.token) for p in model_input["prompt"]]
         images = sample(self.pipe, prompts, [seed + i for i in range(len(prompts))], card["sample_steps"],
                         card["guidance_scale"], resolution=card["resolution"])
         return _arrays(images)

@@ -105,6 +105,18 @@ def load_token_embeddings(pipe, path: Path) -> None:
                                             tokenizer=getattr(pipe, tokenizer))
 
 
+def learned_token(lora_dir: str | Path | None) -> str | None:
+    """The token a prompt names the subject by after pivotal tuning (`<sks>`, which expands to all the learned
+    vectors once loaded), or None when `lora_dir` holds no learned tokens."""
+    path = Path(lora_dir) / TEXTUAL_INVERSION_FILE if lora_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["tokens"])[0]
+
+
 def family_call_kwargs(pipe) -> dict:
     """Per-family call arguments: FLUX's T5 prompt length follows its tokenizer (512 for FLUX.1)."""
     if type(pipe).__name__ == "FluxPipeline":

@@ -32,6 +32,7 @@ from proxytune.images import load_rgb, to_tensor
 from proxytune.io import atomic_file, cache_dir, canonical_safetensors, read_or_heal, sha256_json, sha256_tree
 from proxytune.params import ProxytuneError
 from proxytune.progress import Progress
+from proxytune.prompts import with_token
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -71,6 +72,7 @@ class DreamBoothConfig:
     learning_rate: float = _supervisor("learning_rate")
     train_text_encoder: bool = _supervisor("train_text_encoder")
     text_encoder_lr: float = _supervisor("text_encoder_lr")
+    token_lr: float = _supervisor("token_lr")
     steps: int = _supervisor("steps")
     batch_size: int = _supervisor("batch_size")
     prior_preservation: bool = _supervisor("prior_preservation")
@@ -193,9 +195,12 @@ class DreamBoothLoRA:
         if self.world > 1:  # every process starts from the main process's weights (device RNGs may differ)
             for p in self.params:
                 torch.distributed.broadcast(p.data, src=0)
-        groups = [{"params": denoiser_params, "lr": cfg.learning_rate}]
-        if text_params:
-            groups.append({"params": text_params, "lr": cfg.text_encoder_lr})
+        # pivotal tuning's embedding tables learn at textual inversion's rate, the text encoders' LoRA at its own
+        tables = {id(te.get_input_embeddings().weight) for te in self.text_encoders.values() if cfg.pivotal_tokens}
+        groups = [{"params": denoiser_params, "lr": cfg.learning_rate},
+                  {"params": [p for p in text_params if id(p) not in tables], "lr": cfg.text_encoder_lr},
+                  {"params": [p for p in text_params if id(p) in tables], "lr": cfg.token_lr}]
+        groups = [g for g in groups if g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=1e-2)
         # fp16 gradients of the fp32 LoRA parameters are scaled; bf16 needs no scaler.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -247,7 +252,7 @@ class DreamBoothLoRA:
             self.original_embeddings[name] = weight.detach().clone()
         # Prompts name only the first token: `encode_prompt` expands it to all of them (maybe_convert_prompt),
         # exactly as it will for a pipeline that loaded the saved embeddings.
-        self.instance_prompts = [p.replace(cfg.identifier, self.tokens[0]) for p in self.instance_prompts]
+        self.instance_prompts = [with_token(p, cfg.identifier, self.tokens[0]) for p in self.instance_prompts]
 
     def _add_adapters(self) -> None:
         from peft import LoraConfig
@@ -450,9 +455,9 @@ class DreamBoothLoRA:
 
     def validation_images(self) -> list[Image.Image]:
         cfg = self.cfg
-        prompt = cfg.validation_prompt or self.instance_prompts[0]
-        if cfg.pivotal_tokens:
-            prompt = prompt.replace(cfg.identifier, self.tokens[0])
+        prompt = self.instance_prompts[0]
+        if cfg.validation_prompt:
+            prompt = with_token(cfg.validation_prompt, cfg.identifier, self.tokens[0] if cfg.pivotal_tokens else None)
         n = cfg.num_validation_images
         return self.render([prompt] * n, [cfg.seed + i for i in range(n)])
 

@@ -7,16 +7,12 @@ from pathlib import Path
 from PIL import Image
 
 from proxytune import metrics
-from proxytune.diffusion import load_pipeline, sample
+from proxytune.diffusion import learned_token, load_pipeline, sample
 from proxytune.images import to_pil
 from proxytune.io import cache_dir
 from proxytune.params import ProxytuneError, get, local_path, model_source
+from proxytune.prompts import with_token
 from proxytune.tuning import load_tuned
-
-
-def class_prompt(params: dict) -> str:
-    """The bare class prompt PRES draws (the one the student's prior-preservation data uses)."""
-    return f"a photo of {get(params, 'subject.class_noun')}"
 
 
 def student_samples(params: dict, prompts: list[str], distilled: Path) -> list[Image.Image]:
@@ -34,10 +30,11 @@ def student_sampling(params: dict) -> dict:
 
 def supervisor_samples(params: dict, prompts: list[str], lora_dir: Path | None) -> list[Image.Image]:
     """The DreamBooth supervisor (its LoRA in `lora_dir`; None: the base model) draws `prompts`, one seed per
-    prompt."""
+    prompt; after pivotal tuning the identifier in them is read as the learned tokens."""
     pipe = load_pipeline(model_source(params, "supervisor.model"), lora_dir=lora_dir)
+    token, identifier = learned_token(lora_dir), get(params, "subject.identifier")
     seeds = [int(params["seed"]) * 7919 + i for i in range(len(prompts))]
-    return sample(pipe, prompts, seeds, int(get(params, "supervisor.sample_steps")),
+    return sample(pipe, [with_token(p, identifier, token) for p in prompts], seeds, int(get(params, "supervisor.sample_steps")),
                   float(get(params, "supervisor.guidance_scale")),
                   resolution=int(get(params, "prepare.resolution")), progress="supervisor samples")
 

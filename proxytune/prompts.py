@@ -6,6 +6,8 @@ Templates hold one `{}` where the subject phrase ("sks dog") goes.
 """
 from __future__ import annotations
 
+import re
+
 RECONTEXT = [
     "a {} on the beach",
     "a {} in the jungle",
@@ -55,6 +57,21 @@ CAPTION = "a photo of {}"
 
 def subject_phrase(identifier: str, class_noun: str) -> str:
     return f"{identifier} {class_noun}"
+
+
+def class_prompt(params: dict) -> str:
+    """The bare class prompt, in the subject's caption: DreamBooth's class images, the student's prior data and
+    PRES all draw it."""
+    subject = params["subject"]
+    return subject["caption"].format(subject["class_noun"])
+
+
+def with_token(prompt: str, identifier: str, token: str | None) -> str:
+    """`prompt` as a supervisor with pivotal-tuned tokens must read it: the identifier word becomes `token`
+    ('a sks dog' -> 'a <sks> dog'); None (no learned tokens) leaves it as it is."""
+    if token is None:
+        return prompt
+    return re.sub(rf"(?<![\w<]){re.escape(identifier)}(?![\w>])", lambda _: token, prompt)
 
 
 def proxy_cycle(user_prompts: list[str] = ()) -> list[str]:

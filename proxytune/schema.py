@@ -17,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 from pydantic_core import core_schema
 
+from proxytune.prompts import CAPTION
+
 SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 WORDS = re.compile(r"^[^\s{}]+( [^\s{}]+)*$")
 TOKEN = re.compile(r"^[^\s{}]+$")
@@ -85,6 +87,8 @@ class Subject(Section):
     name: Name = Field(description="names the run (MLflow, benchmark folders)")
     images: Text = Field(description="folder of the reference photos (3-5 is typical)")
     class_noun: Words = Field(description="the subject's class, as in 'a photo of sks dog'")
+    caption: Template = Field(CAPTION, description="the reference photos' caption ('{}': '[V] <class>') and the "
+                              "class prompt ('{}': '<class>'), in the text encoders' language")
     identifier: Token = Field(description="the [V] token that comes to mean the subject")
 
 
@@ -107,8 +111,9 @@ class Supervisor(Section):
     learning_rate: Real = Field(1.0e-3, gt=0, description="learning rate of the denoiser's LoRA")
     train_text_encoder: bool = Field(False, description="LoRA on the CLIP text encoder(s) too, at text_encoder_lr")
     text_encoder_lr: Real = Field(5.0e-5, gt=0, description="learning rate of the text-encoder LoRA")
-    pivotal_tokens: int = Field(0, ge=0, description=">0: the identifier becomes this many trained embeddings; "
-                                "prompts then say <sks>")
+    pivotal_tokens: int = Field(2, ge=0, description=">0: the identifier becomes this many trained embeddings "
+                                "(pivotal tuning); the supervisor's prompts then say <sks>")
+    token_lr: Real = Field(5.0e-3, gt=0, description="learning rate of those embeddings (textual inversion's)")
     steps: int = Field(80, ge=1, description="optimizer steps")
     batch_size: int = Field(2, ge=1, description="images per step (the global batch across processes)")
     prior_preservation: bool = Field(True, description="DreamBooth's class-prior loss on class images")

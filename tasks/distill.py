@@ -19,6 +19,7 @@ from orchestration.cache import checkpoint_dir
 from proxytune.images import load_rgb, to_pil, to_tensor
 from proxytune.io import atomic_dir, atomic_file, cache_dir, read_jsonl, read_or_heal, sha256_file, sha256_json
 from proxytune.params import ProxytuneError, get
+from proxytune.prompts import class_prompt
 from proxytune.training import Checkpointer, train, write_loss_csv
 from proxytune.tuning import TuneConfig, TuningData, build_recipe, write_card
 
@@ -157,7 +158,7 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
     if cfg.method == "arbooth":  # ARBooth's scale-wise loss; None for raster students
         data.token_weights = student.scale_token_weights(**s["arbooth"]["scale_weights"])
     if cfg.method == "arbooth" and cfg.prior_weight > 0:
-        data.prior_prompt = f"a photo of {class_noun}"
+        data.prior_prompt = class_prompt(params)
         data.prior_codes = tokenise_cached(student, prior_samples(student, s, data.prior_prompt, seed),
                                            s["vq_checkpoint"], int(s["image_size"]))
     recipe = build_recipe(student, cfg)

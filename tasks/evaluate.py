@@ -15,10 +15,10 @@ import pandas as pd
 from PIL import Image
 
 from proxytune import metrics, reports
-from proxytune.evaluation import class_prompt, load_evaluators, student_samples, supervisor_samples
+from proxytune.evaluation import load_evaluators, student_samples, supervisor_samples
 from proxytune.io import atomic_dir, atomic_write_text, read_jsonl
 from proxytune.params import get
-from proxytune.prompts import EVAL_PROMPTS
+from proxytune.prompts import EVAL_PROMPTS, class_prompt
 from proxytune.reports import CACHE_STATS_FILE, TABLE_FILE
 
 HELDOUT = [t.format("{0} {1}") for t in EVAL_PROMPTS]  # the project's held-out prompts as DreamBench templates

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from proxytune.io import atomic_dir, sha256_bytes, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, local_path
-from proxytune.prompts import CAPTION, subject_phrase
+from proxytune.prompts import subject_phrase
 
 MIN_IMAGES = 2
 
@@ -85,7 +85,7 @@ def reference_files(folder: Path) -> list[Path]:
 
 
 def run(params: dict, log, paths: dict[str, Path]) -> dict:
-    """Write `instance/*.png` and `captions.jsonl` ("a photo of [V] <class>") into `paths["out"]`."""
+    """Write `instance/*.png` and `captions.jsonl` (`subject.caption`: "a photo of [V] <class>") into `paths["out"]`."""
     folder = local_path(params, "subject.images", "folder")
     if not folder.is_dir():
         raise ProxytuneError(f"params: subject.images: {str(folder)!r} is not a folder")
@@ -100,7 +100,7 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
         for i, (src, img) in enumerate(images):
             rel = f"instance/{i:02d}.png"
             square(img, resolution).save(tmp / rel)
-            rows.append({"file": rel, "caption": CAPTION.format(phrase), "source": src.name,
+            rows.append({"file": rel, "caption": get(params, "subject.caption").format(phrase), "source": src.name,
                          "sha256": sha256_file(tmp / rel)})
         write_jsonl(tmp / "captions.jsonl", rows)
     log.metrics({"num_references": len(rows)})

@@ -20,7 +20,7 @@ from orchestration.cache import checkpoint_dir
 from proxytune.dreambooth import LORA_FILE, DreamBoothConfig, DreamBoothLoRA, ValidatingLogger
 from proxytune.io import atomic_dir, read_jsonl
 from proxytune.params import ProxytuneError, get, load_params, model_source
-from proxytune.prompts import CAPTION
+from proxytune.prompts import class_prompt
 from proxytune.training import Checkpointer, train, write_loss_csv
 
 # supervisor.<key>s that become the DreamBoothConfig field of the same name (null: the recipe's default).
@@ -38,7 +38,7 @@ def recipe_config(params: dict, images: list[Path], captions: list[str]) -> Drea
     values = {k: s[k] for k in FIELDS if s[k] is not None}
     return DreamBoothConfig(
         model=model_source(params, "supervisor.model"), instance_images=images, instance_prompt=captions,
-        class_prompt=CAPTION.format(get(params, "subject.class_noun")), identifier=get(params, "subject.identifier"),
+        class_prompt=class_prompt(params), identifier=get(params, "subject.identifier"),
         seed=get(params, "seed"), **values,
     )
 

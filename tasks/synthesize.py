@@ -23,11 +23,11 @@ from PIL import Image
 
 from orchestration.cache import checkpoint_dir
 from orchestration.stage import launched_stage_args
-from proxytune.diffusion import load_pipeline, sample
+from proxytune.diffusion import learned_token, load_pipeline, sample
 from proxytune.io import atomic_dir, atomic_file, atomic_write_text, read_jsonl, sha256_file, write_jsonl
 from proxytune.params import ProxytuneError, get, load_params, local_path, model_source
 from proxytune.progress import Progress
-from proxytune.prompts import proxy_prompts, subject_phrase
+from proxytune.prompts import proxy_prompts, subject_phrase, with_token
 
 
 def settings(params: dict) -> dict:
@@ -38,12 +38,15 @@ def settings(params: dict) -> dict:
             "min_dino": s["min_dino"]}
 
 
-def plan(params: dict) -> list[list[dict]]:
-    """Every proxy to render, grouped into batches: index, prompt, seed, batch, position, sampler settings."""
+def plan(params: dict, token: str | None = None) -> list[list[dict]]:
+    """Every proxy to render, grouped into batches: index, prompt (the student's caption), supervisor_prompt (the
+    same with the identifier as the supervisor's learned `token`, if any), seed, batch, position, sampler settings."""
     cfg = settings(params)
-    phrase = subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun"))
-    prompts = proxy_prompts(phrase, cfg["num_images"], cfg["user_prompts"])
-    rows = [{"index": i, "prompt": p, "seed": int(params["seed"]) * 1_000_003 + i,
+    identifier = get(params, "subject.identifier")
+    prompts = proxy_prompts(subject_phrase(identifier, get(params, "subject.class_noun")), cfg["num_images"],
+                            cfg["user_prompts"])
+    rows = [{"index": i, "prompt": p, "supervisor_prompt": with_token(p, identifier, token),
+             "seed": int(params["seed"]) * 1_000_003 + i,
              "batch": i // cfg["batch_size"], "position": i % cfg["batch_size"],
              "steps": cfg["steps"], "guidance_scale": cfg["guidance_scale"],
              "resolution": int(get(params, "prepare.resolution"))} for i, p in enumerate(prompts)]
@@ -61,7 +64,7 @@ def render_batch(pipe, rows: list[dict]) -> list[Image.Image]:
     """The whole batch in one pipeline call, one CPU generator per image (the same initial noise on any device),
     so each image is fixed by its seed and the batch it was rendered in."""
     first = rows[0]
-    return sample(pipe, [r["prompt"] for r in rows], [r["seed"] for r in rows], first["steps"],
+    return sample(pipe, [r["supervisor_prompt"] for r in rows], [r["seed"] for r in rows], first["steps"],
                   first["guidance_scale"], first["resolution"], batch_size=len(rows), progress=None)
 
 
@@ -106,7 +109,7 @@ def render(params: dict, paths: dict[str, Path], rank: int = 0, world: int = 1,
     """Render this process's share of the unfinished batches (b % world == rank) into the work folder."""
     cfg = settings(params)
     work = checkpoint_dir("synthesize", params, paths)
-    todo = [b for b in plan(params)[rank::world] if not finished(work, b)]
+    todo = [b for b in plan(params, learned_token(paths["supervised"]))[rank::world] if not finished(work, b)]
     if not todo:
         return work
     pipe = load_supervisor(params, paths["supervised"], device)

@@ -43,11 +43,11 @@ from ar_models.loading import pick
 from ar_models.var import PATCH_NUMS_256, VAR_SIZES
 from orchestration import presets
 from proxytune import metrics, reports
-from proxytune.evaluation import class_prompt, load_evaluators, student_sampling, supervisor_samples
+from proxytune.evaluation import load_evaluators, student_sampling, supervisor_samples
 from proxytune.images import to_pil
 from proxytune.io import read_jsonl
 from proxytune.params import ProxytuneError
-from proxytune.prompts import EVAL_PROMPTS
+from proxytune.prompts import EVAL_PROMPTS, class_prompt
 from proxytune.tuning import load_tuned
 from testbed import world
 

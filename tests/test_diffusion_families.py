@@ -48,7 +48,7 @@ def config(replicas: Path, family: str, **overrides) -> DreamBoothConfig:
     values = dict(model=str(replicas / family), instance_images=sorted((replicas / "instance").glob("*.png")),
                   instance_prompt=PROMPT, class_prompt="a photo of toy", lora_rank=4, lora_alpha=8,
                   learning_rate=2e-2, steps=2, num_class_images=2, class_batch_size=2, sample_steps=2,
-                  guidance_scale=3.0, seed=0)
+                  guidance_scale=3.0, pivotal_tokens=0, seed=0)
     return DreamBoothConfig(**{**values, **overrides})
 
 

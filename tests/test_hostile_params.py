@@ -24,7 +24,8 @@ NAMED = [
     ("student.batch_size", 2.5), ("supervisor.prior_preservation", "yes"), ("student.method", "dreambooth"),
     ("student.two_stage.stage2", "all"), ("supervisor.weighting_scheme", "uniformish"),
     ("evaluate.prompts", []), ("evaluate.prompts", ["a {0} without its class"]),
-    ("student.arbooth.betas", [0.9]), ("seed", -1),
+    ("student.arbooth.betas", [0.9]), ("seed", -1), ("subject.caption", "a photo of sks toy"),
+    ("subject.caption", "{} and {}"),
 ]
 
 

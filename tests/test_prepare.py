@@ -82,10 +82,17 @@ def test_demo_subject_is_prepared(project, log):
     assert [r["source"] for r in rows] == ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
     for i, row in enumerate(rows):
         assert row["file"] == f"instance/{i:02d}.png"
-        assert row["caption"] == "a photo of sks toy"
+        assert row["caption"] == "a sks toy"  # the world's caption (params.yaml's subject.caption)
         assert row["sha256"] == sha256(out / row["file"])
     assert ({"num_references": 4}, None) in log.logged
     assert leftovers(project) == []
+
+
+def test_captions_follow_the_subject_caption_template(project, log):
+    params = load_params(project / "params.yaml")
+    params["subject"]["caption"] = "a photo of {}"
+    run_prepare(params, log, project)
+    assert {r["caption"] for r in read_jsonl(out_of(project) / "captions.jsonl")} == {"a photo of sks toy"}
 
 
 def test_exif_rotated_demo_image_comes_out_upright(project, log):

@@ -24,12 +24,13 @@ MODEL = "models/world/supervisor"  # what params.yaml points at (32 px)
 
 
 def recipe_config(project: Path, **overrides) -> DreamBoothConfig:
-    """A tiny config on the instance images `prepare` wrote in the test folder `project`."""
+    """A tiny config on the instance images `prepare` wrote in the test folder `project`: LoRA alone (pivotal
+    tokens are tested on their own below)."""
     instance = paths(project, "prepare")["out"] / "instance"
     values = dict(model=MODEL, instance_images=sorted(instance.glob("*.png")),
-                  instance_prompt="a photo of sks toy", class_prompt="a photo of toy", lora_rank=4, lora_alpha=4,
+                  instance_prompt="a sks toy", class_prompt="a toy", lora_rank=4, lora_alpha=4,
                   learning_rate=1e-3, steps=2, batch_size=1, prior_loss_weight=1.0, num_class_images=2,
-                  class_batch_size=2, sample_steps=2, guidance_scale=5.0, seed=0)
+                  class_batch_size=2, sample_steps=2, guidance_scale=5.0, pivotal_tokens=0, seed=0)
     return DreamBoothConfig(**{**values, **overrides})
 
 
@@ -75,6 +76,21 @@ def test_setup_trains_only_lora_and_steps_update_it(prepared):
             assert torch.equal(p, base[n]), f"frozen UNet weight {n} changed"
 
 
+def test_pivotal_tuning_moves_only_the_new_token_rows_at_the_token_rate(prepared):
+    """params.yaml's supervisor: the identifier becomes two learned embeddings beside the LoRA."""
+    recipe = DreamBoothLoRA(recipe_config(prepared, pivotal_tokens=2, token_lr=5e-3))
+    recipe.setup()
+    table = recipe.pipe.text_encoder.get_input_embeddings().weight
+    (group,) = [g for g in recipe.optimizer.param_groups if any(p is table for p in g["params"])]
+    assert group["lr"] == 5e-3 and group["params"] == [table]
+    assert set(recipe.instance_prompts) == {"a <sks> toy"}
+    before = table.detach().clone()
+    for _ in range(2):
+        recipe.train_step()
+    moved = (table.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert moved == recipe.token_ids["text_encoder"].tolist() and len(moved) == 2
+
+
 def test_class_images_are_the_base_models_cached_and_only_missing_ones_rendered(prepared):
     cfg = recipe_config(prepared, num_class_images=2)
     first = DreamBoothLoRA(cfg)
@@ -107,8 +123,9 @@ class Recorded(DreamBoothLoRA):
 def test_run_writes_diffusers_lora_that_reloads(project, log, monkeypatch):
     params = load_params(project / "params.yaml")
     # alpha != rank: the saved file must carry the scaling; large lr so the LoRA visibly changes images
+    # LoRA alone: the reload below is the UNet's (pivotal tokens reload in tests/test_diffusion_families.py)
     params["supervisor"].update(lora_rank=4, lora_alpha=8, learning_rate=2e-2, validation_every=2,
-                                export_kohya=True)
+                                export_kohya=True, pivotal_tokens=0)
     steps, n_class = int(params["supervisor"]["steps"]), int(params["supervisor"]["num_class_images"])
     Recorded.instances = []
     monkeypatch.setattr(supervise, "DreamBoothLoRA", Recorded)

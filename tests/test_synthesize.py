@@ -16,7 +16,15 @@ from PIL import Image
 from orchestration.cache import checkpoint_dir
 from proxytune.io import read_jsonl
 from proxytune.params import ProxytuneError, load_params
-from proxytune.prompts import ACCESSORIES, EVAL_PROMPTS, PROPERTIES, PROXY_BANK, RECONTEXT, proxy_prompts
+from proxytune.prompts import (
+    ACCESSORIES,
+    EVAL_PROMPTS,
+    PROPERTIES,
+    PROXY_BANK,
+    RECONTEXT,
+    proxy_prompts,
+    with_token,
+)
 from tasks import synthesize
 
 KINDS = {"recontext": RECONTEXT, "accessory": ACCESSORIES, "property": PROPERTIES}
@@ -53,6 +61,14 @@ def test_proxy_prompts_mix_kinds_and_cover_the_bank():
     assert first_user < bank_size // 2, "user prompts are spread through the cycle, not appended"
 
 
+def test_the_supervisor_reads_the_identifier_as_its_learned_token():
+    assert with_token("a sks toy on the beach", "sks", "<sks>") == "a <sks> toy on the beach"
+    assert with_token("sks toy, a sks", "sks", "<sks>") == "<sks> toy, a <sks>"
+    assert with_token("a <sks> toy", "sks", "<sks>") == "a <sks> toy"  # already in the supervisor's form
+    assert with_token("a sksy toy", "sks", "<sks>") == "a sksy toy"  # only the whole word
+    assert with_token("a sks toy", "sks", None) == "a sks toy"  # LoRA alone: no learned token
+
+
 def test_run_writes_images_and_manifest(synthesized):
     params = load_params(synthesized / "params.yaml")
     out = out_dir(synthesized)
@@ -61,6 +77,9 @@ def test_run_writes_images_and_manifest(synthesized):
     images = sorted((out / "images").glob("*.png"))
     assert len(rows) == len(images) == s["num_images"] >= 3
     assert [r["prompt"] for r in rows] == proxy_prompts("sks toy", s["num_images"])
+    # params.yaml's supervisor learned pivotal tokens: it is asked with them, the student keeps the plain caption
+    assert (out.parent / "supervise" / "embeddings.safetensors").is_file()
+    assert [r["supervisor_prompt"] for r in rows] == proxy_prompts("<sks> toy", s["num_images"])
     assert [kind_of(r["prompt"]) for r in rows[:3]] == ["recontext", "accessory", "property"]
     assert len({r["seed"] for r in rows}) == len(rows) and all(isinstance(r["seed"], int) for r in rows)
     assert [(r["batch"], r["position"]) for r in rows] == [divmod(i, s["batch_size"]) for i in range(len(rows))]
