@@ -15,6 +15,7 @@ Each arm trains on the data its paper used:
     augmented         the same on augmented references, Proxy-Tuning's augmentation baseline (claim a)
     embedding_only    Sun et al.'s stage 1 alone on the references: the identifier embedding (claim b)
     two_stage         Sun et al.'s two stages on the references (claim b)
+    two_stage_proxies Sun et al.'s two stages on the supervisor's proxies: the project's own chain (claim a)
     arbooth_no_prior  ARBooth on the references without prior distillation (claim c)
     arbooth           ARBooth on the references with prior distillation on the base model's class samples (claim c)
     untuned_var       the next-scale (VAR) student untuned: its floor
@@ -63,6 +64,7 @@ ARMS: dict[str, dict | None] = {
     "augmented": {"method": "proxy_tuning", "data": "augmented_references"},
     "embedding_only": {"method": "two_stage", "data": "references", "two_stage": {"stage2": "none"}},
     "two_stage": {"method": "two_stage", "data": "references", "two_stage": {"stage2": "lora"}},
+    "two_stage_proxies": {"method": "two_stage", "data": "proxies", "two_stage": {"stage2": "lora"}},
     "arbooth_no_prior": {"method": "arbooth", "data": "references", "arbooth": {"prior_weight": 0.0}},
     "arbooth": {"method": "arbooth", "data": "references"},
     "untuned_var": {**NEXT_SCALE},
@@ -325,6 +327,7 @@ COMPARISONS = [
     ("a", "proxy_tuning", "references", FIDELITY),
     ("a", "proxy_tuning", "augmented", FIDELITY),
     ("a", "proxy_tuning", "supervisor", (*FIDELITY, "clip_t")),
+    ("a", "two_stage_proxies", "two_stage", FIDELITY),
     ("b", "two_stage", "embedding_only", FIDELITY),
     ("c", "arbooth", "arbooth_no_prior", ("pres",)),
     ("c", "arbooth_var", "arbooth_var_flat", FIDELITY),

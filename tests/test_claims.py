@@ -132,8 +132,8 @@ def test_arms_train_on_the_data_their_papers_used(world_params):
     data = {arm: claims.arm_params(world_params, arm)["student"]["data"] for arm in claims.ARMS
             if claims.tuned(arm) and arm not in VAR_ARMS}
     assert data == {"proxy_tuning": "proxies", "references": "references", "augmented": "augmented_references",
-                    "embedding_only": "references", "two_stage": "references", "arbooth_no_prior": "references",
-                    "arbooth": "references"}
+                    "embedding_only": "references", "two_stage": "references", "two_stage_proxies": "proxies",
+                    "arbooth_no_prior": "references", "arbooth": "references"}
     assert claims.arm_params(world_params, "arbooth")["student"]["arbooth"]["prior_weight"] > 0
     assert claims.arm_params(world_params, "untuned") == world_params
     assert not claims.tuned("untuned") and not claims.tuned("untuned_var") and claims.tuned("arbooth_var")
