@@ -17,8 +17,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic.fields import FieldInfo
 from pydantic_core import core_schema
 
-from proxytune.prompts import CAPTION
-
 SUBJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 WORDS = re.compile(r"^[^\s{}]+( [^\s{}]+)*$")
 TOKEN = re.compile(r"^[^\s{}]+$")
@@ -82,13 +80,14 @@ class Bootstrap(Section):
 
 
 class Subject(Section):
-    """The subject to personalise: its photos and the words its captions use ("a photo of [V] <class>")."""
+    """The subject to personalise: its photos and the words its captions use ("a [V] <class>")."""
 
     name: Name = Field(description="names the run (MLflow, benchmark folders)")
     images: Text = Field(description="folder of the reference photos (3-5 is typical)")
     class_noun: Words = Field(description="the subject's class, as in 'a photo of sks dog'")
-    caption: Template = Field(CAPTION, description="the reference photos' caption ('{}': '[V] <class>') and the "
-                              "class prompt ('{}': '<class>'), in the text encoders' language")
+    caption: Template = Field("a {}", description="the reference photos' caption ('{}': '[V] <class>') and the "
+                              "class prompt ('{}': '<class>'), in the text encoders' language: the world's 'a {}', "
+                              "real models' 'a photo of {}' (DreamBooth's, set by the presets)")
     identifier: Token = Field(description="the [V] token that comes to mean the subject")
 
 
