@@ -115,7 +115,7 @@ def test_a_deployment_runs_another_subject_from_typed_overrides(project, prefect
         time.sleep(1)
     assert {"prepare-red-cup", "supervise-red-cup", "supervise-red-cup-progress"} <= keys
     assert any(m.startswith("supervise: step 4/4 loss ") for m in logs), logs
-    assert "a photo of sks cup" in (project / "outputs/prepare/captions.jsonl").read_text()
+    assert '"a sks cup"' in (project / "outputs/prepare/captions.jsonl").read_text()
 
 
 def test_overrides_are_checked_before_any_stage_starts(project):

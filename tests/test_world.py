@@ -181,12 +181,12 @@ def test_references_are_a_folder_prepare_reads(tmp_path, log):
     assert all(changed(Image.fromarray(a.astype(np.uint8)), Image.fromarray(images[0].astype(np.uint8))).mean() > 0.05
                for a in images[1:])  # the pose varies
 
-    params = {"subject": {"images": str(tmp_path / "refs"), "identifier": "sks", "class_noun": subject.class_noun},
-              "prepare": {"resolution": 64}}
+    params = {"subject": {"images": str(tmp_path / "refs"), "identifier": "sks", "class_noun": subject.class_noun,
+                          "caption": "a {}"}, "prepare": {"resolution": 64}}
     prepare.run(params, log, paths(tmp_path, "prepare"))
     rows = read_jsonl(paths(tmp_path, "prepare")["out"] / "captions.jsonl")
     assert [r["source"] for r in rows] == [p.name for p in files]
-    assert {r["caption"] for r in rows} == {"a photo of sks toy"}
+    assert {r["caption"] for r in rows} == {"a sks toy"}
 
 
 # ---------------------------------------------------------------- what the images show
