@@ -67,7 +67,8 @@ def losses(path: Path) -> list[float]:
         return [float(r["loss"]) for r in csv.DictReader(f)]
 
 
-RECIPES = {"sdxl": {"train_text_encoder": True, "pivotal_tokens": 2}, "sd3": {"weighting_scheme": "logit_normal", "pivotal_tokens": 0}}
+RECIPES = {"sdxl": {"train_text_encoder": True, "pivotal_tokens": 2},
+           "sd3": {"weighting_scheme": "logit_normal", "pivotal_tokens": 0}}
 
 
 def recipe_lora(root: Path, family: str, process=None) -> dict[str, torch.Tensor]:

@@ -108,8 +108,7 @@ def load_token_embeddings(pipe, path: Path) -> None:
 def learned_token(lora_dir: str | Path | None) -> str | None:
     """The token a prompt names the subject by after pivotal tuning (`<sks>`, which expands to all the learned
     vectors once loaded), or None when `lora_dir` holds no learned tokens."""
-    path = Path(lora_dir) / TEXTUAL_INVERSION_FILE if lora_dir is not None else None
-    if path is None or not path.is_file():
+    if lora_dir is None or not (path := Path(lora_dir) / TEXTUAL_INVERSION_FILE).is_file():
         return None
     from safetensors import safe_open
 

@@ -196,7 +196,7 @@ class DreamBoothLoRA:
             for p in self.params:
                 torch.distributed.broadcast(p.data, src=0)
         # pivotal tuning's embedding tables learn at textual inversion's rate, the text encoders' LoRA at its own
-        tables = {id(te.get_input_embeddings().weight) for te in self.text_encoders.values() if cfg.pivotal_tokens}
+        tables = {id(te.get_input_embeddings().weight) for te in self.text_encoders.values()}
         groups = [{"params": denoiser_params, "lr": cfg.learning_rate},
                   {"params": [p for p in text_params if id(p) not in tables], "lr": cfg.text_encoder_lr},
                   {"params": [p for p in text_params if id(p) in tables], "lr": cfg.token_lr}]

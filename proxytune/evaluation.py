@@ -34,8 +34,8 @@ def supervisor_samples(params: dict, prompts: list[str], lora_dir: Path | None) 
     pipe = load_pipeline(model_source(params, "supervisor.model"), lora_dir=lora_dir)
     token, identifier = learned_token(lora_dir), get(params, "subject.identifier")
     seeds = [int(params["seed"]) * 7919 + i for i in range(len(prompts))]
-    return sample(pipe, [with_token(p, identifier, token) for p in prompts], seeds, int(get(params, "supervisor.sample_steps")),
-                  float(get(params, "supervisor.guidance_scale")),
+    return sample(pipe, [with_token(p, identifier, token) for p in prompts], seeds,
+                  int(get(params, "supervisor.sample_steps")), float(get(params, "supervisor.guidance_scale")),
                   resolution=int(get(params, "prepare.resolution")), progress="supervisor samples")
 
 

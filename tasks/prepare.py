@@ -85,12 +85,13 @@ def reference_files(folder: Path) -> list[Path]:
 
 
 def run(params: dict, log, paths: dict[str, Path]) -> dict:
-    """Write `instance/*.png` and `captions.jsonl` (`subject.caption`: "a photo of [V] <class>") into `paths["out"]`."""
+    """Write `instance/*.png` and `captions.jsonl` (`subject.caption` of "[V] <class>") into `paths["out"]`."""
     folder = local_path(params, "subject.images", "folder")
     if not folder.is_dir():
         raise ProxytuneError(f"params: subject.images: {str(folder)!r} is not a folder")
     resolution = get(params, "prepare.resolution")
-    phrase = subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun"))
+    caption = get(params, "subject.caption").format(
+        subject_phrase(get(params, "subject.identifier"), get(params, "subject.class_noun")))
     images = [(p, load_reference(p, max(8, resolution // 2))) for p in reference_files(folder)]
     warn_identical(images)
     out = paths["out"]
@@ -100,7 +101,7 @@ def run(params: dict, log, paths: dict[str, Path]) -> dict:
         for i, (src, img) in enumerate(images):
             rel = f"instance/{i:02d}.png"
             square(img, resolution).save(tmp / rel)
-            rows.append({"file": rel, "caption": get(params, "subject.caption").format(phrase), "source": src.name,
+            rows.append({"file": rel, "caption": caption, "source": src.name,
                          "sha256": sha256_file(tmp / rel)})
         write_jsonl(tmp / "captions.jsonl", rows)
     log.metrics({"num_references": len(rows)})
